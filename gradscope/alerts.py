@@ -1,0 +1,99 @@
+"""Alerts: what a detector says about a layer, and the bookkeeping that fires each one once per episode."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+logger = logging.getLogger("gradscope")
+
+
+class GradientError(RuntimeError):
+    """Raised by ``Scope.step()`` for alert kinds listed in ``watch(..., raise_on=...)``.
+
+    ``err.alerts`` holds the alerts that caused it; they are also in ``scope.alerts`` and the history.
+    """
+
+    def __init__(self, alerts: list["Alert"]):
+        self.alerts = list(alerts)
+        super().__init__("\n".join(str(a) for a in self.alerts))
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One diagnosis: a condition that started at ``step`` on ``layer``.
+
+    Attributes:
+        kind: ``"vanishing"``, ``"exploding"`` or ``"nonfinite"`` (later detectors add kinds).
+        layer: qualified module name (a call site such as ``"layer1.0.relu#2"`` for a second call).
+        step: the step index at which the condition started.
+        value: the measured quantity that crossed the threshold.
+        threshold: the threshold it crossed.
+        message: one sentence a person understands.
+        hint: the remedy that fits the evidence.
+        metric: which quantity ``value`` is (``"backprop_signal_ratio"``, ``"grad_norm"``, ...).
+    """
+
+    kind: str
+    layer: str
+    step: int
+    value: float
+    threshold: float
+    message: str
+    hint: str
+    metric: str = ""
+
+    def __str__(self) -> str:
+        return f"[gradscope] step {self.step} {self.kind} in {self.layer or '(root)'}: {self.message} Hint: {self.hint}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def log_alerts(new: list[Alert], max_names: int = 6) -> None:
+    """One WARNING per alert kind and step on the ``"gradscope"`` logger (each alert in full at DEBUG)."""
+    for kind in dict.fromkeys(a.kind for a in new):
+        group = [a for a in new if a.kind == kind]
+        names = [a.layer or "(root)" for a in group]
+        shown = ", ".join(names[:max_names]) + (f", ... ({len(names)} layers)" if len(names) > max_names else "")
+        first = group[0]
+        where = f"layers {shown}" if len(names) > 1 else f"layer {shown}"
+        logger.warning("step %d: %s in %s. %s: %s Hint: %s", first.step, kind, where, first.layer or "(root)",
+                       first.message, first.hint)
+        for a in group:
+            logger.debug("%s", a)
+
+
+@dataclass
+class AlertBook:
+    """Turns per-step conditions into alerts that fire when a condition starts.
+
+    A condition is keyed by ``(kind, layer)``. It fires on the first collected step where it holds, stays silent while it
+    keeps holding, and fires again if it clears on some collected step and later returns.
+    """
+
+    raise_on: frozenset = frozenset()
+    max_alerts: int = 10_000
+    alerts: list = field(default_factory=list)
+    dropped: int = 0
+    _active: set = field(default_factory=set)
+
+    def update(self, conditions: Iterable[Alert]) -> list[Alert]:
+        """Record this step's conditions; log and return only those that just started."""
+        conditions = list(conditions)
+        now = {(a.kind, a.layer) for a in conditions}
+        new = [a for a in conditions if (a.kind, a.layer) not in self._active]
+        self._active = now
+        log_alerts(new)
+        for a in new:
+            if len(self.alerts) >= self.max_alerts:
+                self.alerts.pop(0)
+                self.dropped += 1
+            self.alerts.append(a)
+        return new
+
+    def raise_if_needed(self, new: list[Alert]) -> None:
+        fatal = [a for a in new if a.kind in self.raise_on]
+        if fatal:
+            raise GradientError(fatal)

@@ -1,0 +1,134 @@
+"""Collection: the hooks that capture tensors during forward and backward, and nothing else.
+
+Why these hooks:
+
+* A **forward hook** per module registers a **tensor hook** on each output that requires grad. This sees
+  dLoss/d(output) without ``register_full_backward_hook``, which fails on torchvision's ResNet ("Output 0 of
+  BackwardHookFunctionBackward is a view and is being modified inplace") whenever an inplace op follows the module.
+  A tensor hook registered before an inplace change still reports the gradient of the value the module produced.
+* A **post-accumulate-grad hook** per parameter only notes that a backward pass reached the parameters, so that
+  ``step()`` can tell a missing ``loss.backward()`` apart from a real step.
+* A **forward pre-hook** on the root module starts a new forward pass: call counters restart, so a module called
+  twice per forward (torchvision's ``BasicBlock.relu``) gives two stable call sites, ``name`` and ``name#2``.
+
+On steps that are not collected every hook returns after one attribute check.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from .stats import sq_norm
+
+
+def site_name(module_name: str, call: int) -> str:
+    """Name of the ``call``-th call (1-based) of a module within one forward pass."""
+    return module_name if call == 1 else f"{module_name}#{call}"
+
+
+def _tensors(out) -> list[Tensor]:
+    """Tensors in a module output (tensor, tuple/list, dict, nested) that take part in autograd."""
+    if isinstance(out, Tensor):
+        return [out] if out.requires_grad else []
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors(o)]
+    return []
+
+
+class Collector:
+    """Owns every hook it adds to a model and the per-step buffers the hooks fill.
+
+    Buffers (all device tensors, reset by :meth:`reset`):
+        signal_sq: call site -> summed squared norm of dLoss/d(output) over this step's backward passes.
+        output_sum: call site -> sum of the forward output (non-finite iff the output had NaN/Inf, barring overflow).
+    """
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]):
+        self.model = model
+        self.active = False
+        self.attached = True
+        self.backward_seen = False
+        self.signal_sq: dict[str, Tensor] = {}
+        self.output_sum: dict[str, Tensor] = {}
+        self.order: dict[str, str] = {}  # call site -> module name, in forward order of first call
+        self._calls: dict[str, int] = {}
+        self._handles: list = []
+        self._tensor_handles: list = []
+        self._param_hook_dicts_were_none: list[nn.Parameter] = []
+        self.profile_modules: set[str] = set()
+
+        self._handles.append(model.register_forward_pre_hook(self._new_forward))
+        for name, module in model.named_modules():
+            owns = any(p.requires_grad for p in module.parameters(recurse=False))
+            leaf = next(iter(module.children()), None) is None
+            if module is model and not (owns or leaf):
+                continue  # the root container's output is its last child's, or the loss input: nothing new
+            if owns or leaf:
+                self.profile_modules.add(name)
+            self._handles.append(module.register_forward_hook(partial(self._on_forward, name)))
+        for p in params:
+            if getattr(p, "_post_accumulate_grad_hooks", None) is None:
+                self._param_hook_dicts_were_none.append(p)
+            self._handles.append(p.register_post_accumulate_grad_hook(self._on_accumulate))
+
+    # -- hooks -------------------------------------------------------------------------------------------------------
+    def _new_forward(self, module, args):
+        if self.active:
+            self._calls.clear()
+
+    def _on_forward(self, name: str, module, args, output):
+        if not self.active or not self.attached:
+            return
+        call = self._calls.get(name, 0) + 1
+        self._calls[name] = call
+        site = site_name(name, call)
+        if not torch.is_grad_enabled():
+            return
+        tensors = _tensors(output)
+        if not tensors:
+            return
+        self.order.setdefault(site, name)
+        with torch.no_grad():
+            s = sum(t.detach().sum(dtype=torch.float32) for t in tensors if t.is_floating_point())
+        if isinstance(s, Tensor):
+            prev = self.output_sum.get(site)
+            self.output_sum[site] = s if prev is None else prev + s
+        for t in tensors:
+            self._tensor_handles.append(t.register_hook(partial(self._on_grad, site)))
+
+    def _on_grad(self, site: str, grad: Tensor):
+        if not self.attached or grad is None:
+            return
+        sq = sq_norm(grad)
+        prev = self.signal_sq.get(site)
+        self.signal_sq[site] = sq if prev is None else prev + sq
+
+    def _on_accumulate(self, param):
+        self.backward_seen = True
+
+    # -- lifetime ----------------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new step: drop buffers and the tensor hooks of tensors from the finished step."""
+        self.signal_sq = {}
+        self.output_sum = {}
+        self._calls.clear()
+        for h in self._tensor_handles:
+            h.remove()
+        self._tensor_handles.clear()
+
+    def remove(self) -> None:
+        """Remove every hook this collector added. Idempotent."""
+        self.attached = False
+        self.reset()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for p in self._param_hook_dicts_were_none:
+            if not p._post_accumulate_grad_hooks:
+                p._post_accumulate_grad_hooks = None
+        self._param_hook_dicts_were_none.clear()

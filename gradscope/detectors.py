@@ -1,0 +1,227 @@
+"""Detectors: each a threshold, a check, a message and a remedy.
+
+A detector is any object with a ``kind`` string and ``check(record, layers) -> list[Alert]``, where ``record`` is the
+:class:`~gradscope.record.StepRecord` of a collected step and ``layers`` the scope's layer table in forward order
+(dicts with ``name``, ``module`` class name, trainable ``params`` count, ``profile`` flag). ``check`` returns the
+conditions that hold *now*; the scope turns them into alerts that fire only when a condition starts. Pass your own
+list with ``watch(model, detectors=[...])`` to change thresholds or add detectors.
+
+Depth-wise checks compare each parameterised layer's **backprop signal** (the norm of dLoss/d(layer output)) with the
+*output-side reference*: the median signal of the last quarter of parameterised layers in forward order. The gradient
+of layer i is that signal times the layer's input, so a signal that shrinks (grows) geometrically from the output to
+the input is the vanishing (exploding) gradient of the textbooks.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from .alerts import Alert
+from .record import StepRecord
+
+SATURATING = {"Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid"}
+RECURRENT = {"RNN", "RNNCell"}
+NORMS = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
+         "InstanceNorm3d", "RMSNorm", "SyncBatchNorm"}
+
+
+def _finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def signal_profile(record: StepRecord, layers: list[dict]) -> list[tuple[str, float]]:
+    """``[(layer, backprop_signal)]`` for parameterised layers with a finite signal, input side first."""
+    out = []
+    for e in layers:
+        if e.get("params") and e["name"] in record.layers:
+            s = record.layers[e["name"]].get("backprop_signal")
+            if _finite(s):
+                out.append((e["name"], s))
+    return out
+
+
+def output_side_reference(profile: list[tuple[str, float]], fraction: float) -> float:
+    """Median signal of the last ``fraction`` of the profile (at least one layer)."""
+    k = max(1, int(round(len(profile) * fraction)))
+    return statistics.median(s for _, s in profile[-k:])
+
+
+def _module_types(layers: list[dict]) -> set[str]:
+    return {e.get("module", "") for e in layers}
+
+
+def vanishing_hint(layers: list[dict]) -> str:
+    types = _module_types(layers)
+    tips = []
+    if types & SATURATING:
+        tips.append("replace sigmoid/tanh with ReLU-family activations (ReLU, LeakyReLU, GELU) with Kaiming init, "
+                    "or at least use Xavier init for tanh")
+    else:
+        tips.append("use Kaiming (ReLU-family) or Xavier (tanh) initialisation")
+    if types & RECURRENT:
+        tips.append("use a gated recurrent layer (LSTM/GRU) instead of a plain RNN")
+    if not types & NORMS:
+        tips.append("add normalisation (BatchNorm/LayerNorm)")
+    tips.append("add residual connections so the gradient has a short path to early layers")
+    return "; ".join(tips) + "."
+
+
+def exploding_hint(layers: list[dict]) -> str:
+    types = _module_types(layers)
+    tips = ["clip the gradient norm (torch.nn.utils.clip_grad_norm_)", "lower the learning rate",
+            "check the initialisation scale (weights larger than identity amplify the gradient at every layer)"]
+    if not types & NORMS:
+        tips.append("add normalisation (BatchNorm/LayerNorm)")
+    if types & RECURRENT:
+        tips.append("use LSTM/GRU instead of a plain RNN")
+    return "; ".join(tips) + "."
+
+
+@dataclass
+class Vanishing:
+    """A layer receives almost no gradient.
+
+    Fires for a parameterised layer when its backprop signal is below ``ratio`` times the output-side reference, or
+    when its gradient RMS is below the absolute ``floor``.
+
+    Defaults: ``ratio=1e-3`` -- under SGD such a layer moves a thousand times slower than the output layers (after
+    1,000 steps it has moved as far as they move in one), which is "not learning" on any training budget; healthy
+    Kaiming/ReLU MLPs and ResNets stay within a factor of ~10, while a 20-layer sigmoid MLP at PyTorch's default init
+    reaches ~1e-15. ``floor=1e-10`` -- a gradient RMS this small is below float32 resolution of any weight of order
+    1e-3 or larger, so the update is lost entirely (SageMaker's 1e-7 mean-|g| rule fires on healthy late training).
+    ``output_side=0.25`` -- the reference is the median of the last quarter of parameterised layers, robust to one
+    odd output layer.
+    """
+
+    ratio: float = 1e-3
+    floor: float = 1e-10
+    output_side: float = 0.25
+    kind: str = field(default="vanishing", init=False)
+
+    def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+        out: dict[str, Alert] = {}
+        profile = signal_profile(record, layers)
+        hint = vanishing_hint(layers)
+        if len(profile) >= 2:
+            ref = output_side_reference(profile, self.output_side)
+            if ref > 0:
+                for depth, (name, s) in enumerate(profile):
+                    r = s / ref
+                    if r < self.ratio:
+                        out[name] = Alert(
+                            self.kind, name, record.step, r, self.ratio,
+                            f"the gradient signal reaching this layer (depth {depth + 1} of {len(profile)}) is "
+                            f"{r:.1e} of the output-side layers' ({s:.2e} vs {ref:.2e}), so it barely learns.",
+                            hint, "backprop_signal_ratio")
+        for e in layers:
+            stats = record.layers.get(e["name"], {})
+            rms = stats.get("grad_rms")
+            if e.get("params") and _finite(rms) and rms < self.floor and e["name"] not in out:
+                out[e["name"]] = Alert(
+                    self.kind, e["name"], record.step, rms, self.floor,
+                    f"its gradient RMS is {rms:.1e}, below {self.floor:.0e}: its weights receive no usable update.",
+                    hint, "grad_rms")
+        return list(out.values())
+
+
+@dataclass
+class Exploding:
+    """A layer's gradient is too large, grows towards the input, or jumps.
+
+    Fires for a parameterised layer when (a) its backprop signal is above ``ratio`` times the output-side reference
+    (growth towards the input, e.g. weights above identity), (b) its gradient norm exceeds ``bound``, or (c) its
+    gradient norm exceeds ``jump`` times its own running geometric mean (after ``warmup`` collected steps).
+
+    Defaults: ``ratio=1e3`` mirrors the vanishing ratio. ``bound=1e4`` -- per-layer gradient norms of mean-reduced
+    losses are O(0.01-10); clipping thresholds in practice are 0.1-10 (Pascanu et al. 2013), so 1e4 is far outside any
+    healthy run yet low enough to catch a blow-up before it overflows. ``jump=100`` over a running mean with
+    ``momentum=0.9`` (about the last 10 collected steps): normal training changes gradient norms by a few times, a
+    spike by orders of magnitude; ``warmup=5`` lets the running mean settle.
+    """
+
+    ratio: float = 1e3
+    bound: float = 1e4
+    jump: float = 100.0
+    momentum: float = 0.9
+    warmup: int = 5
+    output_side: float = 0.25
+    kind: str = field(default="exploding", init=False)
+    _log_mean: dict = field(default_factory=dict, init=False, repr=False)
+    _seen: dict = field(default_factory=dict, init=False, repr=False)
+
+    def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+        out: dict[str, Alert] = {}
+        hint = exploding_hint(layers)
+        profile = signal_profile(record, layers)
+        if len(profile) >= 2:
+            ref = output_side_reference(profile, self.output_side)
+            if ref > 0:
+                for depth, (name, s) in enumerate(profile):
+                    r = s / ref
+                    if r > self.ratio:
+                        out[name] = Alert(
+                            self.kind, name, record.step, r, self.ratio,
+                            f"the gradient signal reaching this layer (depth {depth + 1} of {len(profile)}) is "
+                            f"{r:.1e} times the output-side layers' ({s:.2e} vs {ref:.2e}): it grows towards the input.",
+                            hint, "backprop_signal_ratio")
+        for e in layers:
+            name = e["name"]
+            g = record.layers.get(name, {}).get("grad_norm")
+            if not e.get("params") or not _finite(g):
+                continue
+            if g > self.bound and name not in out:
+                out[name] = Alert(self.kind, name, record.step, g, self.bound,
+                                  f"its gradient norm is {g:.2e}, above {self.bound:.0e}.", hint, "grad_norm")
+            seen = self._seen.get(name, 0)
+            mean = self._log_mean.get(name)
+            if mean is not None and seen >= self.warmup and g > 0 and name not in out:
+                running = math.exp(mean)
+                if g > self.jump * running:
+                    out[name] = Alert(
+                        self.kind, name, record.step, g / running, self.jump,
+                        f"its gradient norm jumped to {g:.2e}, {g / running:.0f} times its running mean {running:.2e}.",
+                        hint, "grad_norm_jump")
+            if g > 0:
+                lg = math.log(g)
+                self._log_mean[name] = lg if mean is None else self.momentum * mean + (1 - self.momentum) * lg
+                self._seen[name] = seen + 1
+        return list(out.values())
+
+
+@dataclass
+class Nonfinite:
+    """NaN or Inf in a forward output, a backprop signal or a parameter gradient.
+
+    One alert per step, naming where the problem appears: the first module in forward order whose output is
+    non-finite (the forward pass made it), else the layer closest to the loss with a non-finite gradient (the backward
+    pass made it; everything on the input side of it is contaminated by propagation). No threshold: any NaN/Inf.
+    """
+
+    kind: str = field(default="nonfinite", init=False)
+
+    def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+        hint = ("check the inputs and the loss for log(0), division by zero or overflow; lower the learning rate or clip "
+                "gradients; under mixed precision use torch.amp.GradScaler; torch.autograd.detect_anomaly() names the op.")
+        for e in layers:  # all modules: a parameter-free wrapper can be where the NaN is made
+            st = record.layers.get(e["name"], {})
+            if st.get("output_nonfinite"):
+                return [Alert(self.kind, e["name"], record.step, math.nan, 0.0,
+                              "its forward output contains NaN/Inf, the first module in forward order to produce one "
+                              "(if it is the first layer, check the input data).", hint, "output_nonfinite")]
+        for e in reversed([e for e in layers if e.get("profile")]):
+            st = record.layers.get(e["name"], {})
+            sig = st.get("backprop_signal")
+            if st.get("grad_nonfinite") or (sig is not None and not math.isfinite(sig)):
+                n = st.get("grad_nonfinite") or 0
+                what = f"{int(n)} NaN/Inf gradient entries" if n else "a NaN/Inf gradient at its output"
+                return [Alert(self.kind, e["name"], record.step, float(n), 0.0,
+                              f"it has {what}, the closest layer to the loss where NaN/Inf appears in the backward pass.",
+                              hint, "grad_nonfinite")]
+        return []
+
+
+def default_detectors() -> list:
+    """Fresh instances of the default detectors, with their documented default thresholds."""
+    return [Vanishing(), Exploding(), Nonfinite()]

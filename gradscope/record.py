@@ -1,0 +1,258 @@
+"""Records of collected steps: bounded history, the reading API shared by live scopes and loaded runs, and JSONL I/O.
+
+The saved format is JSON Lines (one JSON object per line, never pickle), so ``pandas.read_json(path, lines=True)``
+opens it. Every line has a ``"type"``:
+
+* ``"meta"`` (first line): ``format == "gradscope"``, format ``version``, ``every``, and ``layers``: one entry per
+  tracked layer or call site in forward order (``name``, ``module`` class, trainable ``params`` count, ``depth``).
+* ``"step"``: step-level information (``step``, ``grad_scale``, ``overflow``).
+* ``"layer"``: one per layer/call site and collected step: ``step``, ``name`` and its statistics as columns.
+* ``"param"``: one per parameter and collected step: ``step``, ``name``, ``layer`` and its statistics.
+* ``"alert"``: one per alert, with the fields of :class:`gradscope.Alert`.
+
+JSON has no NaN or infinity, so non-finite statistics are written as ``null`` and read back as ``nan``; the
+``grad_nonfinite`` count keeps how many NaN/Inf entries a gradient had.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .alerts import Alert
+
+FORMAT = "gradscope"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class StepRecord:
+    """Everything collected at one step.
+
+    Attributes:
+        step: index of the step (0-based count of ``scope.step()`` calls before this one).
+        layers: ``{name: {statistic: float}}`` per layer / call site, in forward order.
+        params: ``{qualified parameter name: {statistic: float}}``.
+        info: step-level facts, e.g. ``{"grad_scale": 1.0, "overflow": False}``.
+    """
+
+    step: int
+    layers: dict[str, dict[str, float]]
+    params: dict[str, dict[str, float]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class History:
+    """Collected steps in bounded memory.
+
+    Holds at most ``max_records`` records. When full it drops every other record and from then on keeps every second
+    offered record (then every fourth, ...), so the whole run stays covered at a coarser step resolution and memory never
+    grows. The newest record is always available as ``history.last`` even if thinning skipped it.
+    """
+
+    def __init__(self, max_records: int = 2000):
+        if not isinstance(max_records, int) or max_records < 2:
+            raise ValueError(f"history size must be an int >= 2, got {max_records!r}; pass e.g. history=2000")
+        self.max_records = max_records
+        self.stride = 1
+        self._offered = 0
+        self._records: list[StepRecord] = []
+        self.last: StepRecord | None = None
+
+    def append(self, record: StepRecord) -> None:
+        self.last = record
+        if self._offered % self.stride == 0:
+            if len(self._records) >= self.max_records:
+                self._records = self._records[::2]
+                self.stride *= 2
+                if self._offered % self.stride != 0:
+                    self._offered += 1
+                    return
+            self._records.append(record)
+        self._offered += 1
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[StepRecord]:
+        return iter(self._records)
+
+    def __getitem__(self, i):
+        return self._records[i]
+
+    def __bool__(self) -> bool:
+        return bool(self._records)
+
+    @property
+    def steps(self) -> list[int]:
+        return [r.step for r in self._records]
+
+    def records(self) -> list[StepRecord]:
+        """Kept records plus the newest one if thinning skipped it."""
+        out = list(self._records)
+        if self.last is not None and (not out or out[-1] is not self.last):
+            out.append(self.last)
+        return out
+
+
+class Run:
+    """The reading side of a monitored run: what a live :class:`~gradscope.Scope` and :func:`gradscope.load` share."""
+
+    def __init__(self, meta: dict, history: History, alerts: list[Alert]):
+        self.meta = meta
+        self.history = history
+        self._alerts = alerts
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert so far (each fired when its condition started)."""
+        return list(self._alerts)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Tracked layers and call sites in forward execution order (input side first)."""
+        return [entry["name"] for entry in self.meta.get("layers", [])]
+
+    def latest(self, per: str = "layer") -> dict[str, dict[str, float]]:
+        """Statistics of the last collected step.
+
+        Args:
+            per: ``"layer"`` for ``{layer or call-site name: {stat: value}}`` or ``"param"`` for
+                ``{parameter name: {stat: value}}``.
+        """
+        if per not in ("layer", "param"):
+            raise ValueError(f"per must be 'layer' or 'param', got {per!r}")
+        last = self.history.last
+        if last is None:
+            return {}
+        src = last.layers if per == "layer" else last.params
+        return {name: dict(stats) for name, stats in src.items()}
+
+    def depth_profile(self, record: StepRecord | None = None) -> list[tuple[str, float]]:
+        """``[(name, backprop_signal)]`` from input to output over the profile sites (leaf or parameterised modules)."""
+        record = record or self.history.last
+        if record is None:
+            return []
+        out = []
+        for entry in self.meta.get("layers", []):
+            if entry.get("profile") and entry["name"] in record.layers:
+                sig = record.layers[entry["name"]].get("backprop_signal")
+                if sig is not None:
+                    out.append((entry["name"], sig))
+        return out
+
+    def decay_factor(self, record: StepRecord | None = None) -> float:
+        """Average factor by which the backprop signal is multiplied per parameterised layer, going output → input.
+
+        ``(s_input / s_output) ** (1 / (n - 1))`` over the parameterised layers with a finite positive signal:
+        about 1 is healthy, well below 1 means vanishing towards the input, above 1 exploding. ``nan`` if undefined.
+        """
+        record = record or self.history.last
+        if record is None:
+            return math.nan
+        params = {e["name"] for e in self.meta.get("layers", []) if e.get("params")}
+        sig = [s for name, s in self.depth_profile(record) if name in params and math.isfinite(s) and s > 0]
+        if len(sig) < 2:
+            return math.nan
+        return (sig[0] / sig[-1]) ** (1.0 / (len(sig) - 1))
+
+    def summary(self) -> str:
+        """A table of the last collected step, the depth profile and the alerts, for a terminal."""
+        from .render import format_summary
+
+        return format_summary(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the run as JSON Lines (see the module docstring for the layout)."""
+        path = os.fspath(path)
+        with open(path, "w", encoding="utf-8") as f:
+            _write(f, {"type": "meta", **self.meta})
+            for rec in self.history.records():
+                _write(f, {"type": "step", "step": rec.step, **rec.info})
+                for name, stats in rec.layers.items():
+                    _write(f, {"type": "layer", "step": rec.step, "name": name, **stats})
+                for name, stats in rec.params.items():
+                    _write(f, {"type": "param", "step": rec.step, "name": name, **stats})
+            for a in self._alerts:
+                _write(f, {"type": "alert", **a.to_dict()})
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _write(f, obj: dict) -> None:
+    f.write(json.dumps({k: _clean(v) for k, v in obj.items()}, allow_nan=False) + "\n")
+
+
+def _stats(row: dict, skip: tuple) -> dict:
+    return {k: (math.nan if v is None else v) for k, v in row.items() if k not in skip}
+
+
+def load(path: str | os.PathLike, history: int | None = None) -> Run:
+    """Read a run written by ``scope.save()``. Parses JSON only; never unpickles.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a gradscope log (names the line that failed).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no gradscope log at {path!r}; pass the path given to scope.save()")
+    records: dict[int, StepRecord] = {}
+    alerts: list[Alert] = []
+    meta = None
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = f.readlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path!r} is not a gradscope log (not UTF-8 text): {e}") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path!r} is not a gradscope log: line {i} is not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or "type" not in row:
+            raise ValueError(f"{path!r} is not a gradscope log: line {i} has no 'type' field")
+        if meta is None:
+            if row.get("type") != "meta" or row.get("format") != FORMAT:
+                raise ValueError(
+                    f"{path!r} is not a gradscope log: its first line must be the meta line written by scope.save()"
+                )
+            if row.get("version", 0) > FORMAT_VERSION:
+                raise ValueError(
+                    f"{path!r} has gradscope log format version {row['version']}, newer than this gradscope reads "
+                    f"({FORMAT_VERSION}); upgrade gradscope"
+                )
+            meta = {k: v for k, v in row.items() if k != "type"}
+            continue
+        kind = row["type"]
+        try:
+            if kind == "step":
+                records[row["step"]] = StepRecord(row["step"], {}, {}, _stats(row, ("type", "step")))
+            elif kind in ("layer", "param"):
+                rec = records.setdefault(row["step"], StepRecord(row["step"], {}, {}, {}))
+                target = rec.layers if kind == "layer" else rec.params
+                target[row["name"]] = _stats(row, ("type", "step", "name"))
+            elif kind == "alert":
+                fields = {k: row[k] for k in Alert.__dataclass_fields__ if k in row}
+                fields["value"] = math.nan if fields.get("value") is None else fields["value"]
+                fields["threshold"] = math.nan if fields.get("threshold") is None else fields["threshold"]
+                alerts.append(Alert(**fields))
+            else:
+                raise ValueError(f"unknown line type {kind!r}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path!r} is not a valid gradscope log: line {i}: {e}") from None
+    if meta is None:
+        raise ValueError(f"{path!r} is empty, not a gradscope log")
+    hist = History(max(history or 0, len(records), 2))
+    for step in sorted(records):
+        hist.append(records[step])
+    return Run(meta, hist, alerts)

@@ -1,0 +1,81 @@
+"""Render: the text table a person reads in a terminal."""
+
+from __future__ import annotations
+
+import math
+
+from .detectors import output_side_reference, signal_profile
+
+NAME_WIDTH = 30
+
+
+def short_name(name: str, width: int = NAME_WIDTH) -> str:
+    """Fit a qualified module name into ``width`` characters, keeping its informative tail."""
+    name = name or "(root)"
+    if len(name) <= width:
+        return name
+    return "…" + name[-(width - 1):]
+
+
+def _num(v, fmt: str = ".2e") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return format(v, fmt)
+
+
+def format_summary(run, max_names: int = 8) -> str:
+    """The summary of a run: last collected step per layer, depth profile, alerts with remedies."""
+    rec = run.history.last
+    layers = run.meta.get("layers", [])
+    head = f"gradscope summary: {run.meta.get('model', 'model')}"
+    if rec is None:
+        return head + " (no step collected yet: call scope.step() after loss.backward())"
+    every = run.meta.get("every", 1)
+    lines = [f"{head}, step {rec.step} (collected every {every}), {len(layers)} layers/call sites, "
+             f"{len(run.alerts)} alerts"]
+    if rec.info.get("overflow"):
+        lines.append("  (this step overflowed under the AMP grad scaler and was skipped by it)")
+    profile = signal_profile(rec, layers)
+    ref = output_side_reference(profile, 0.25) if profile else math.nan
+    cols = f"{'layer':<{NAME_WIDTH}} {'module':<14} {'params':>9} {'grad_norm':>9} {'grad_rms':>9} {'grad_max':>9} " \
+           f"{'zero%':>6} {'signal':>9} {'sig/out':>8}"
+    lines += [cols, "-" * len(cols)]
+    flagged = {(a.layer) for a in run.alerts}
+    for e in layers:
+        if not e.get("profile"):
+            continue
+        st = rec.layers.get(e["name"], {})
+        sig = st.get("backprop_signal")
+        ratio = sig / ref if (e.get("params") and sig is not None and ref and math.isfinite(ref)) else None
+        zero = st.get("grad_zero_frac")
+        mark = " !" if e["name"] in flagged else ""
+        lines.append(
+            f"{short_name(e['name']):<{NAME_WIDTH}} {e.get('module', '')[:14]:<14} {e.get('params', 0):>9,} "
+            f"{_num(st.get('grad_norm')):>9} {_num(st.get('grad_rms')):>9} {_num(st.get('grad_max')):>9} "
+            f"{_num(None if zero is None else 100 * zero, '.1f'):>6} {_num(sig):>9} {_num(ratio, '.1e'):>8}{mark}")
+    lines.append("")
+    if len(profile) >= 2:
+        factor = run.decay_factor(rec)
+        trend = ("shrinks towards the input: vanishing" if factor < 0.7 else
+                 "grows towards the input: exploding" if factor > 1.5 else "roughly steady with depth")
+        lines.append(f"backprop signal, input -> output over {len(profile)} parameterised layers: "
+                     f"{profile[0][1]:.2e} ({short_name(profile[0][0], 20)}) ... {profile[-1][1]:.2e} "
+                     f"({short_name(profile[-1][0], 20)}); average factor per layer {factor:.3g} ({trend})")
+    else:
+        lines.append("backprop signal: fewer than two parameterised layers with a signal; no depth profile")
+    alerts = run.alerts
+    if not alerts:
+        lines.append("alerts: none")
+        return "\n".join(lines)
+    lines.append(f"alerts: {len(alerts)} (each fired when its condition started; scope.alerts has them all)")
+    for kind in dict.fromkeys(a.kind for a in alerts):
+        of_kind = [a for a in alerts if a.kind == kind]
+        names = list(dict.fromkeys(a.layer or "(root)" for a in of_kind))
+        shown = ", ".join(names[:max_names]) + (f", ... and {len(names) - max_names} more" if len(names) > max_names else "")
+        first = of_kind[0]
+        lines.append(f"  {kind}: {len(of_kind)} alerts on {len(names)} layers from step {first.step}: {shown}")
+        lines.append(f"    e.g. {first.layer or '(root)'} at step {first.step}: {first.message}")
+        lines.append(f"    remedy: {first.hint}")
+    return "\n".join(lines)

@@ -1,0 +1,332 @@
+"""The Scope: attaches to a model, closes steps, keeps records and alerts. ``gradscope.watch`` creates one."""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from .alerts import Alert, AlertBook
+from .collect import Collector
+from .detectors import default_detectors
+from .record import FORMAT, FORMAT_VERSION, History, Run, StepRecord
+from .stats import grad_stats, nonfinite_counts, norms
+
+# Models currently watched, so a second watch() on the same model fails loudly instead of doubling every hook.
+_WATCHED: "weakref.WeakKeyDictionary[nn.Module, Scope]" = weakref.WeakKeyDictionary()
+
+
+def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer | None = None, scaler=None,
+          detectors: list | None = None, raise_on=(), history: int = 2000) -> "Scope":
+    """Attach gradscope to ``model`` and return the :class:`Scope` that monitors it.
+
+    Two ways to close a step:
+
+    * call ``scope.step()`` after ``loss.backward()`` and before ``optimizer.step()``; or
+    * pass ``optimizer=opt`` and the scope closes each step from an optimizer step pre-hook (one added line).
+
+    Both give the same records.
+
+    Args:
+        model: any ``nn.Module`` with trainable parameters.
+        every: collect statistics on every ``every``-th step (steps 0, every, 2*every, ...); other steps cost next to
+            nothing.
+        optimizer: close steps automatically just before ``optimizer.step()``.
+        scaler: a ``torch.amp.GradScaler`` whose scale divides the gradients, so reported values are unscaled (for the
+            optimizer mode; in the manual mode pass it to ``scope.step(scaler=...)``).
+        detectors: detector instances to run (default: ``Vanishing(), Exploding(), Nonfinite()`` with their documented
+            thresholds); an empty list disables alerts.
+        raise_on: alert kinds that raise :class:`gradscope.GradientError` from ``step()``, e.g. ``{"nonfinite"}``.
+        history: the most collected steps kept in memory (older ones are thinned, see :class:`~gradscope.record.History`).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` (or ``optimizer``/``scaler`` are of the wrong type).
+        ValueError: no trainable parameters, a bad ``every``/``raise_on``/``history``, or the model is already watched.
+    """
+    return Scope(model, every=every, optimizer=optimizer, scaler=scaler, detectors=detectors, raise_on=raise_on,
+                 history=history)
+
+
+def _scale_tensor(scaler):
+    """The loss scale of the backward pass just run (a device tensor, no sync), or None without scaling."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return getattr(scaler, "_scale", None)  # None until the scaler has scaled a loss
+
+
+def _grads_already_unscaled(scaler) -> bool:
+    """True once ``scaler.unscale_(opt)`` ran this step (as ``scaler.step`` does before the optimizer hook fires)."""
+    try:
+        from torch.amp.grad_scaler import OptState
+
+        return any(st.get("stage") is OptState.UNSCALED for st in scaler._per_optimizer_states.values())
+    except (ImportError, AttributeError):
+        return False
+
+
+def _check_scaler(scaler) -> None:
+    if scaler is not None and not (hasattr(scaler, "is_enabled") and hasattr(scaler, "get_scale")):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+
+
+def _nanmax(values: list[float]) -> float:
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
+class Scope(Run):
+    """Monitors one model: owns its hooks, closes steps, keeps history and alerts.
+
+    Reading API (shared with :func:`gradscope.load`): ``latest()``, ``history``, ``alerts``, ``summary()``,
+    ``depth_profile()``, ``decay_factor()``, ``save()``.
+
+    Hook mechanics, and what they guarantee:
+
+    * Statistics are read, never written: training is bitwise identical with and without a scope.
+    * A module called several times per forward gives one call site per call (``name``, ``name#2``, ...), each with
+      its own backprop signal; its parameter statistics are under ``name``.
+    * Frozen parameters (``requires_grad=False``) are not tracked. A parameter with no gradient at a step (unused in
+      that forward, or ``grad`` set to None) is left out of that step's record; a layer none of whose parameters got a
+      gradient has no gradient statistics that step.
+    * Gradient accumulation: several forward/backward passes before one ``step()`` are one step. Parameter statistics
+      describe the accumulated ``.grad``; backprop signals add the squared norms of every pass (the norm over the
+      concatenated micro-batches).
+    * Statistics stay on the device; one device-to-host transfer per collected step (a second one only when a
+      gradient came back non-finite, to count the NaN/Inf entries).
+    """
+
+    def __init__(self, model, every=1, *, optimizer=None, scaler=None, detectors=None, raise_on=(), history=2000):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"gradscope.watch() expects a torch.nn.Module, got {type(model).__name__}; "
+                            "pass the model itself, e.g. gradscope.watch(model)")
+        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+            raise ValueError(f"every must be a positive int (collect on every N-th step), got {every!r}; e.g. every=10")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        _check_scaler(scaler)
+        detectors = default_detectors() if detectors is None else list(detectors)
+        for d in detectors:
+            if not (isinstance(getattr(d, "kind", None), str) and callable(getattr(d, "check", None))):
+                raise TypeError(f"{d!r} is not a detector: it needs a 'kind' string and a check(record, layers) method")
+        kinds = {d.kind for d in detectors}
+        raise_on = frozenset({raise_on} if isinstance(raise_on, str) else raise_on)
+        if raise_on - kinds:
+            raise ValueError(f"raise_on names unknown alert kinds {sorted(raise_on - kinds)}; "
+                             f"the detectors in use raise {sorted(kinds)}")
+        hist = History(history)
+
+        params, seen = [], set()
+        module_info = {}
+        for mname, module in model.named_modules():
+            own = [(pn, p) for pn, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+            for pn, p in own:
+                seen.add(id(p))
+                params.append((f"{mname}.{pn}" if mname else pn, mname, p))
+            module_info[mname] = {"module": type(module).__name__, "params": sum(p.numel() for _, p in own)}
+        if not params:
+            raise ValueError(f"{type(model).__name__} has no trainable parameters (none with requires_grad=True): "
+                             "gradscope monitors gradients, so unfreeze at least one parameter before watch()")
+        if model in _WATCHED:
+            raise ValueError(f"this {type(model).__name__} is already watched by {_WATCHED[model]!r}; "
+                             "call scope.detach() on the first scope (or use `with gradscope.watch(model)`) first")
+        if optimizer is not None:
+            ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            if not ids & seen:
+                raise ValueError("the optimizer given to watch() updates none of this model's trainable parameters; "
+                                 "pass the optimizer that trains this model")
+
+        self.model = model
+        self.every = every
+        self.detectors = detectors
+        self._scaler = scaler
+        self._params = params
+        self._module_info = module_info
+        self._param_layers = [m for m in module_info if module_info[m]["params"]]
+        self._book = AlertBook(raise_on=raise_on)
+        self._num_steps = 0
+        self._layers_seen = -1
+        self._warned_no_backward = False
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "every": every, "model": type(model).__name__,
+                "torch_version": torch.__version__, "layers": []}
+        super().__init__(meta, hist, self._book.alerts)
+
+        self._collector = Collector(model, [p for _, _, p in params])
+        self._collector.active = True
+        self._opt_handle = optimizer.register_step_pre_hook(self._on_optimizer_step) if optimizer is not None else None
+        self._update_layers()
+        _WATCHED[model] = self
+
+    # -- public ------------------------------------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return self._collector.attached
+
+    @property
+    def num_steps(self) -> int:
+        """How many steps have been closed (collected or not)."""
+        return self._num_steps
+
+    def step(self, scaler=None) -> list[Alert]:
+        """Close the current step: gather statistics (on a collected step), run the detectors, return new alerts.
+
+        Call after ``loss.backward()`` (and any gradient accumulation) and before ``optimizer.step()``.
+
+        Args:
+            scaler: the ``torch.amp.GradScaler`` that scaled this step's loss; gradients are divided by its scale
+                (parameter gradients only if ``scaler.unscale_`` has not run yet). A step whose gradients overflowed
+                under a scaler is recorded with ``info["overflow"] = True`` and raises no alert: the scaler skips it.
+
+        Raises:
+            RuntimeError: the scope is detached, or no backward pass reached the parameters since the last step.
+            GradientError: a new alert of a kind listed in ``raise_on`` (it is recorded first).
+        """
+        if not self.attached:
+            raise RuntimeError("this scope is detached; call gradscope.watch(model) again to keep monitoring")
+        _check_scaler(scaler)
+        if not self._collector.backward_seen:
+            raise RuntimeError("scope.step() was called with no backward pass since the last step: call "
+                               "loss.backward() before scope.step(), once per optimizer step")
+        return self._close_step(scaler if scaler is not None else self._scaler)
+
+    def detach(self) -> None:
+        """Remove every hook this scope added (module, tensor, parameter and optimizer hooks). Idempotent.
+
+        The records stay readable after detaching.
+        """
+        self._collector.remove()
+        if self._opt_handle is not None:
+            self._opt_handle.remove()
+            self._opt_handle = None
+        if _WATCHED.get(self.model) is self:
+            del _WATCHED[self.model]
+
+    def __enter__(self) -> "Scope":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return (f"<gradscope.Scope {state} to {type(self.model).__name__}: {len(self.meta['layers'])} layers, "
+                f"every={self.every}, {self._num_steps} steps, {len(self._book.alerts)} alerts>")
+
+    # -- internals ---------------------------------------------------------------------------------------------------
+    def _on_optimizer_step(self, optimizer, args, kwargs):
+        if not self._collector.backward_seen:
+            if not self._warned_no_backward:
+                warnings.warn("gradscope: optimizer.step() ran with no backward pass since the last step; that step is "
+                              "not recorded", RuntimeWarning, stacklevel=3)
+                self._warned_no_backward = True
+            return
+        self._close_step(self._scaler)
+
+    def _close_step(self, scaler) -> list[Alert]:
+        c = self._collector
+        c.backward_seen = False
+        step = self._num_steps
+        self._num_steps += 1
+        if not c.active:
+            c.active = self._num_steps % self.every == 0
+            return []
+        try:
+            self._update_layers()
+            record = self._collect(step, scaler)
+        finally:
+            c.reset()
+            c.active = self._num_steps % self.every == 0
+        if record.info.get("overflow"):
+            new = []  # the scaler skips this step; gradients are not the model's
+        else:
+            conditions = [a for d in self.detectors for a in d.check(record, self.meta["layers"])]
+            new = self._book.update(conditions)
+        self.history.append(record)
+        self._book.raise_if_needed(new)
+        return new
+
+    def _update_layers(self) -> None:
+        order = self._collector.order
+        if len(order) == self._layers_seen:
+            return
+        self._layers_seen = len(order)
+        entries = []
+        for site, mname in order.items():
+            info = self._module_info[mname]
+            entries.append({"name": site, "module": info["module"], "params": info["params"] if site == mname else 0,
+                            "profile": mname in self._collector.profile_modules})
+        for mname in self._param_layers:
+            if mname not in order:
+                entries.append({"name": mname, "profile": True, **self._module_info[mname]})
+        for depth, e in enumerate(entries):
+            e["depth"] = depth
+        self.meta["layers"] = entries
+
+    def _collect(self, step: int, scaler) -> StepRecord:
+        c = self._collector
+        have = [(i, p.grad) for i, (_, _, p) in enumerate(self._params) if p.grad is not None]
+        grads = [g for _, g in have]
+        sites, outs = list(c.signal_sq), list(c.output_sum)
+        scale_t = _scale_tensor(scaler)
+        pieces = []
+        if grads:
+            pieces += [grad_stats(grads).flatten(), norms([self._params[i][2] for i, _ in have])]
+        if sites:
+            pieces.append(torch.stack(list(c.signal_sq.values())))
+        if outs:
+            pieces.append(torch.stack(list(c.output_sum.values())))
+        if scale_t is not None:
+            pieces.append(scale_t.detach().reshape(1).float())
+        flat = []
+        if pieces:
+            device = pieces[0].device
+            flat = torch.cat([x.to(device) for x in pieces]).cpu().tolist()  # the one transfer of this step
+
+        n = len(grads)
+        g_norm, g_max, g_zero, w_norm = (flat[k * n:(k + 1) * n] for k in range(4))
+        pos = 4 * n
+        sig = dict(zip(sites, flat[pos:pos + len(sites)]))
+        pos += len(sites)
+        out_sum = dict(zip(outs, flat[pos:pos + len(outs)]))
+        scale = flat[-1] if scale_t is not None else 1.0
+        grad_scale = 1.0 if scale_t is None or _grads_already_unscaled(scaler) else scale
+
+        bad = [k for k in range(n) if not math.isfinite(g_norm[k])]
+        nonfinite = dict(zip(bad, nonfinite_counts([grads[k] for k in bad]))) if bad else {}
+
+        params, agg = {}, defaultdict(lambda: {"sq": [], "numel": 0, "max": [], "zeros": 0.0, "nf": 0, "wsq": 0.0})
+        for k, (i, g) in enumerate(have):
+            pname, lname, p = self._params[i]
+            numel = p.numel()
+            gn, gm = g_norm[k] / grad_scale, g_max[k] / grad_scale
+            params[pname] = {"grad_norm": gn, "grad_rms": gn / math.sqrt(numel), "grad_max": gm,
+                             "grad_zero_frac": g_zero[k] / numel, "grad_nonfinite": nonfinite.get(k, 0),
+                             "weight_norm": w_norm[k]}
+            a = agg[lname]
+            a["sq"].append(gn * gn)
+            a["numel"] += numel
+            a["max"].append(gm)
+            a["zeros"] += g_zero[k]
+            a["nf"] += nonfinite.get(k, 0)
+            a["wsq"] += w_norm[k] ** 2
+
+        layers = {}
+        for e in self.meta["layers"]:
+            name, st = e["name"], {}
+            if name in agg:
+                a = agg[name]
+                gn = math.sqrt(sum(a["sq"]))
+                st.update(grad_norm=gn, grad_rms=gn / math.sqrt(a["numel"]), grad_max=_nanmax(a["max"]),
+                          grad_zero_frac=a["zeros"] / a["numel"], grad_nonfinite=a["nf"], weight_norm=math.sqrt(a["wsq"]))
+            if name in sig:
+                st["backprop_signal"] = math.sqrt(sig[name]) / scale
+            if name in out_sum:
+                st["output_nonfinite"] = 0.0 if math.isfinite(out_sum[name]) else 1.0
+            if st:
+                layers[name] = st
+
+        overflow = scale_t is not None and (bool(nonfinite) or any(not math.isfinite(v) for v in sig.values()))
+        info = {"grad_scale": scale, "overflow": overflow}
+        return StepRecord(step, layers, params, info)

@@ -1,0 +1,55 @@
+"""Statistics: small tensor functions that stay on the device and batch over many tensors.
+
+Nothing here synchronises with the host; the scope stacks the results and transfers them once per collected step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+INF = float("inf")
+
+
+def _dense(t: Tensor) -> Tensor:
+    # Sparse gradients (nn.Embedding(sparse=True)) hold their entries in values(); norms, max and zeros of the dense
+    # tensor follow from those (implicit entries are zeros, counted via numel by the caller).
+    if t.is_sparse:
+        return t.coalesce().values()
+    return t
+
+
+def norms(tensors: list[Tensor], ord: float = 2.0) -> Tensor:
+    """L2 (or ``ord``) norms of many tensors as one float32 vector, with one batched kernel per device and dtype."""
+    if not tensors:
+        return torch.zeros(0)
+    dense = [_dense(t.detach()) for t in tensors]
+    device = dense[0].device  # a model split over devices gets its norms gathered on the first one
+    return torch.stack([n.to(device) for n in torch._foreach_norm(dense, ord, dtype=torch.float32)])
+
+
+def zero_counts(tensors: list[Tensor]) -> Tensor:
+    """Number of exactly-zero entries of each tensor (sparse tensors count their implicit zeros), as float32."""
+    counts = []
+    for t in tensors:
+        d = _dense(t.detach())
+        implicit = t.numel() - d.numel()
+        counts.append((d.numel() - torch.count_nonzero(d)).float() + implicit)
+    if not counts:
+        return torch.zeros(0)
+    return torch.stack([c.to(counts[0].device) for c in counts])
+
+
+def grad_stats(grads: list[Tensor]) -> Tensor:
+    """Rows ``[L2 norm, max |g|, number of zeros]`` for each gradient: a float32 tensor of shape ``(3, len(grads))``."""
+    return torch.stack([norms(grads), norms(grads, INF), zero_counts(grads)])
+
+
+def nonfinite_counts(tensors: list[Tensor]) -> list[int]:
+    """Number of NaN/Inf entries of each tensor. Synchronises: only called once a norm came back non-finite."""
+    return [int((~torch.isfinite(_dense(t.detach()))).sum()) for t in tensors]
+
+
+def sq_norm(t: Tensor) -> Tensor:
+    """Squared L2 norm as a float32 0-d tensor (sums of these add up over batches and backward calls)."""
+    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32).square()

@@ -1,0 +1,171 @@
+"""Detectors on the textbook cases: flagged where the theory says so, silent on healthy networks."""
+
+import logging
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import gradscope
+from gradscope.alerts import Alert, AlertBook
+from gradscope.models import deep_mlp
+
+
+def train(model, steps, batch=lambda: (torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))), lr=0.01, **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    scope = gradscope.watch(model, **kw)
+    for _ in range(steps):
+        x, y = batch()
+        F.cross_entropy(model(x), y).backward()
+        scope.step()
+        opt.step()
+        opt.zero_grad()
+    scope.detach()
+    return scope
+
+
+def test_deep_sigmoid_mlp_at_default_init_is_flagged_vanishing_on_early_layers():
+    scope = train(deep_mlp(20, 128, "sigmoid"), 3)
+    vanishing = [a for a in scope.alerts if a.kind == "vanishing"]
+    layers = {a.layer for a in vanishing}
+    assert "1" in layers and "3" in layers  # the first two Linear layers (Sequential index 0 is Flatten)
+    assert "39" not in layers  # the output layer is the reference, not flagged
+    first = next(a for a in vanishing if a.layer == "1")
+    assert first.value < 1e-6 and first.threshold == 1e-3 and first.metric == "backprop_signal_ratio"
+    assert "sigmoid" in first.hint and "Kaiming" in first.hint
+    assert scope.decay_factor() < 0.3
+    assert all(a.step == 0 for a in vanishing)  # fired when the condition started, not again on steps 1 and 2
+
+
+def test_relu_kaiming_mlp_and_resnets_raise_no_alert():
+    scope = train(deep_mlp(20, 128, "relu", "kaiming"), 5)
+    assert scope.alerts == []
+    assert 0.5 < scope.decay_factor() < 2
+    scope = train(torchvision.models.resnet18(num_classes=10), 3)
+    assert scope.alerts == []
+
+
+def test_weights_above_identity_are_flagged_exploding():
+    depth, n = 30, 32
+    model = nn.Sequential(*[nn.Linear(n, n, bias=False) for _ in range(depth)])
+    with torch.no_grad():
+        for lin in model:
+            lin.weight.copy_(1.5 * torch.eye(n))
+    scope = gradscope.watch(model)
+    x = torch.randn(16, n)
+    F.mse_loss(model(x), torch.zeros(16, n)).backward()
+    new = scope.step()
+    exploding = {a.layer: a for a in new if a.kind == "exploding"}
+    assert "0" in exploding and "1" in exploding
+    assert exploding["0"].metric == "backprop_signal_ratio"
+    output_side = statistics.median(1.5 ** k for k in range(8))  # signal 1.5**k at the last quarter (8 layers)
+    assert exploding["0"].value == pytest.approx(1.5 ** (depth - 1) / output_side, rel=1e-3)
+    assert "clip" in exploding["0"].hint
+    assert not [a for a in new if a.kind == "vanishing"]
+    assert scope.decay_factor() == pytest.approx(1.5, rel=1e-4)
+    scope.detach()
+
+
+class Poison(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.poison = False
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.poison:
+            out = out.clone()
+            out[0, 0] = float("nan")
+        return out
+
+
+def nan_model():
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), Poison(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_nan_injected_in_a_layer_forward_is_flagged_naming_that_layer():
+    model = nan_model()
+    scope = gradscope.watch(model)
+    x, y = torch.randn(4, 8), torch.randint(0, 4, (4,))
+    F.cross_entropy(model(x), y).backward()
+    assert scope.step() == []
+    model[2].poison = True
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    new = scope.step()
+    # "2" (the wrapper) makes the NaN; "2.inner" before it is finite, the ReLU "3" after it only inherits it
+    assert [(a.kind, a.layer) for a in new if a.kind == "nonfinite"] == [("nonfinite", "2")]
+    assert "forward output" in new[0].message
+
+
+def test_nan_from_the_loss_names_the_layer_closest_to_the_loss():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    scope = gradscope.watch(model)
+    out = model(torch.randn(4, 8))
+    (out.sum() * torch.tensor(float("nan"))).backward()
+    new = scope.step()
+    assert [(a.kind, a.layer) for a in new] == [("nonfinite", "2")]
+    assert scope.latest(per="param")["2.weight"]["grad_nonfinite"] == 64
+    assert math.isnan(scope.latest()["2"]["grad_norm"])
+
+
+def test_raise_on_nonfinite_raises_gradient_error_after_recording():
+    model = nan_model()
+    model[2].poison = True
+    scope = gradscope.watch(model, raise_on={"nonfinite"})
+    F.cross_entropy(model(torch.randn(4, 8)), torch.tensor([0, 1, 2, 3])).backward()
+    with pytest.raises(gradscope.GradientError, match="nonfinite in 2:") as err:
+        scope.step()
+    assert err.value.alerts[0].kind == "nonfinite"
+    assert scope.alerts == err.value.alerts and len(scope.history) == 1
+    scope.detach()
+
+
+def test_alerts_go_to_the_gradscope_logger(caplog):
+    with caplog.at_level(logging.WARNING, logger="gradscope"):
+        train(deep_mlp(12, 64, "sigmoid"), 2)
+    assert any(r.name == "gradscope" and "vanishing" in r.getMessage() for r in caplog.records)
+
+
+def test_alert_fires_when_a_condition_starts_and_again_when_it_returns():
+    book = AlertBook()
+
+    def cond(step, layers):
+        return [Alert("vanishing", n, step, 0.0, 1e-3, "m", "h") for n in layers]
+
+    assert [a.layer for a in book.update(cond(0, ["a"]))] == ["a"]
+    assert book.update(cond(1, ["a"])) == []  # still holds: silent
+    assert [a.layer for a in book.update(cond(2, ["a", "b"]))] == ["b"]
+    assert book.update(cond(3, ["b"])) == []  # a cleared
+    assert [(a.layer, a.step) for a in book.update(cond(4, ["a", "b"]))] == [("a", 4)]  # a returned
+    assert [(a.layer, a.step) for a in book.alerts] == [("a", 0), ("b", 2), ("a", 4)]
+
+
+def test_sudden_jump_is_flagged_exploding():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    scope = gradscope.watch(model)
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+    for step in range(10):
+        scale = 1e4 if step == 8 else 1.0
+        (scale * F.cross_entropy(model(x), y)).backward()
+        new = scope.step()
+        model.zero_grad()
+        if step < 8:
+            assert new == []
+        elif step == 8:
+            assert {a.metric for a in new} == {"grad_norm_jump"} and {a.layer for a in new} == {"0", "2"}
+    scope.detach()
+
+
+def test_thresholds_are_configurable_and_detectors_replaceable():
+    model = deep_mlp(6, 32, "sigmoid", in_features=3 * 32 * 32)
+    strict = train(model, 1, detectors=[gradscope.Vanishing(ratio=0.5)])
+    lax = train(deep_mlp(6, 32, "sigmoid"), 1, detectors=[gradscope.Vanishing(ratio=1e-30, floor=0.0)])
+    assert strict.alerts and not lax.alerts
+    silent = train(deep_mlp(20, 32, "sigmoid"), 1, detectors=[])
+    assert silent.alerts == []

@@ -1,0 +1,19 @@
+"""Every example script runs end to end (tiny sizes)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import gradscope
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wrap_training_loop_example(tmp_path):
+    log = tmp_path / "run.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/wrap_training_loop.py"), "--steps", "4", "--depth", "8",
+                           "--batch-size", "32", "--save", str(log)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "gradscope summary" in proc.stdout and "average factor per layer" in proc.stdout
+    run = gradscope.load(log)
+    assert run.history.steps == [0, 1, 2, 3]

@@ -1,0 +1,154 @@
+"""Hook mechanics: torchvision ResNet, non-interference, clean detach, no leaks, optimizer-driven steps."""
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import gradscope
+from conftest import hook_entries
+from gradscope.models import deep_mlp
+
+
+def resnet18():
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def test_resnet18_runs_with_stable_call_site_names():
+    model = resnet18()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scope = gradscope.watch(model)
+    names = []
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        F.cross_entropy(model(x), y).backward()
+        scope.step()
+        opt.step()
+        opt.zero_grad()
+        names.append(list(scope.latest()))
+    assert names[0] == names[1] == names[2]
+    relu_sites = [n for n in names[0] if n.split("#")[0].endswith("relu")]
+    assert len(relu_sites) == 17  # stem + two calls in each of 8 BasicBlocks
+    assert "layer1.0.relu#2" in relu_sites and "layer4.1.relu#2" in relu_sites
+    assert len(scope.latest(per="param")) == len(list(model.parameters()))
+    for n in ("conv1", "layer1.0.bn2", "fc"):  # bn2's output is modified by `out += identity`: hook still fine
+        assert scope.latest()[n]["backprop_signal"] > 0
+    scope.detach()
+    assert hook_entries(model) == []
+
+
+def train_run(model, watch_kwargs=None, steps=20, seed=1, manual=True):
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scope = None
+    if watch_kwargs is not None:
+        kw = dict(watch_kwargs)
+        if not manual:
+            kw["optimizer"] = opt
+        scope = gradscope.watch(model, **kw)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if scope is not None and manual:
+            scope.step()
+        opt.step()
+        losses.append(loss.detach().clone())
+    if scope is not None:
+        scope.detach()
+    return losses, [p.detach().clone() for p in model.parameters()], scope
+
+
+@pytest.mark.parametrize("make", [resnet18, lambda: nn.Sequential(deep_mlp(8, 64, "relu"), nn.Dropout(0.3))])
+def test_observing_changes_nothing_bitwise(make):
+    torch.manual_seed(0)
+    model = make()
+    twin = copy.deepcopy(model)
+    plain_losses, plain_params, _ = train_run(model)
+    seen_losses, seen_params, scope = train_run(twin, {})
+    assert len(scope.history) == 20
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, seen_losses))
+    assert all(torch.equal(a, b) for a, b in zip(plain_params, seen_params))
+
+
+def test_optimizer_mode_gives_the_same_records_as_manual_steps():
+    base = deep_mlp(6, 32, "tanh")
+    _, _, manual = train_run(copy.deepcopy(base), {"every": 2}, steps=6)
+    _, _, auto = train_run(copy.deepcopy(base), {"every": 2}, steps=6, manual=False)
+    assert manual.history.steps == auto.history.steps == [0, 2, 4]
+    for a, b in zip(manual.history, auto.history):
+        assert a.layers == b.layers and a.params == b.params and a.info == b.info
+    assert manual.meta == auto.meta
+
+
+def test_detach_leaves_the_model_exactly_as_found():
+    model = resnet18()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert hook_entries(model, opt) == []
+    outputs = []
+    model.layer1.register_forward_hook(lambda m, a, o: outputs.append(o))  # the test's own hook, kept
+    scope = gradscope.watch(model, optimizer=opt)
+    out = model(torch.randn(2, 3, 32, 32))  # forward done, backward not: tensor hooks are pending
+    assert outputs[0]._backward_hooks
+    scope.detach()
+    scope.detach()  # idempotent
+    assert not outputs[0]._backward_hooks  # pending tensor hooks removed too
+    assert hook_entries(model, opt) == ["layer1._forward_hooks"]
+    out.sum().backward()  # nothing of gradscope fires any more
+    assert scope.history.last is None
+    with pytest.raises(RuntimeError, match="detached"):
+        scope.step()
+
+
+def test_context_manager_detaches_even_on_error():
+    model = deep_mlp(3, 8, "relu", in_features=4)
+    with pytest.raises(ZeroDivisionError):
+        with gradscope.watch(model) as scope:
+            model(torch.randn(2, 4)).sum().backward()
+            scope.step()
+            1 / 0
+    assert hook_entries(model) == [] and not scope.attached
+    gradscope.watch(model).detach()  # can be watched again
+
+
+def test_thousand_attach_detach_cycles_leak_nothing():
+    model = deep_mlp(4, 16, "relu", in_features=8)
+    x = torch.randn(4, 8)
+
+    def cycle():
+        scope = gradscope.watch(model)
+        model(x).sum().backward()
+        scope.step()
+        scope.detach()
+        model.zero_grad(set_to_none=True)
+        return weakref.ref(scope)
+
+    for _ in range(10):  # warm-up: first-call caches
+        cycle()
+    gc.collect()
+    before = len(gc.get_objects())
+    refs = [cycle() for _ in range(1000)]
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0  # every scope was freed
+    assert len(gc.get_objects()) - before < 1000 + 50  # the 1000 weakrefs themselves, nothing per cycle
+    assert hook_entries(model) == []
+
+
+def test_history_is_bounded_for_long_runs():
+    model = nn.Linear(3, 1)
+    scope = gradscope.watch(model, history=16)
+    for _ in range(500):
+        model(torch.randn(2, 3)).sum().backward()
+        scope.step()
+    assert len(scope.history) <= 16
+    steps = scope.history.steps
+    assert steps[0] == 0 and steps[-1] >= 500 - 2 * 32 and steps == sorted(steps)
+    assert scope.history.last.step == 499 and scope.latest()[""]["grad_norm"] > 0
+    scope.detach()
