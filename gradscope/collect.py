@@ -40,6 +40,14 @@ def _tensors(out) -> list[Tensor]:
     return []
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread."""
+    return _graph_task_id() != -1
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 class Collector:
     """Owns every hook it adds to a model and the per-step buffers the hooks fill.
 
@@ -82,8 +90,8 @@ class Collector:
             self._calls.clear()
 
     def _on_forward(self, name: str, module, args, output):
-        if not self.active or not self.attached:
-            return
+        if not self.active or not self.attached or _in_backward():
+            return  # _in_backward: activation checkpointing re-runs forwards during backward; not a new call
         call = self._calls.get(name, 0) + 1
         self._calls[name] = call
         site = site_name(name, call)

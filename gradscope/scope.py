@@ -285,7 +285,7 @@ class Scope(Run):
             flat = torch.cat([x.to(device) for x in pieces]).cpu().tolist()  # the one transfer of this step
 
         n = len(grads)
-        g_norm, g_max, g_zero, w_norm = (flat[k * n:(k + 1) * n] for k in range(4))
+        g_norm, g_max, g_nonzero, w_norm = (flat[k * n:(k + 1) * n] for k in range(4))
         pos = 4 * n
         sig = dict(zip(sites, flat[pos:pos + len(sites)]))
         pos += len(sites)
@@ -300,15 +300,15 @@ class Scope(Run):
         for k, (i, g) in enumerate(have):
             pname, lname, p = self._params[i]
             numel = p.numel()
-            gn, gm = g_norm[k] / grad_scale, g_max[k] / grad_scale
+            gn, gm, zeros = g_norm[k] / grad_scale, g_max[k] / grad_scale, numel - g_nonzero[k]
             params[pname] = {"grad_norm": gn, "grad_rms": gn / math.sqrt(numel), "grad_max": gm,
-                             "grad_zero_frac": g_zero[k] / numel, "grad_nonfinite": nonfinite.get(k, 0),
+                             "grad_zero_frac": zeros / numel, "grad_nonfinite": nonfinite.get(k, 0),
                              "weight_norm": w_norm[k]}
             a = agg[lname]
             a["sq"].append(gn * gn)
             a["numel"] += numel
             a["max"].append(gm)
-            a["zeros"] += g_zero[k]
+            a["zeros"] += zeros
             a["nf"] += nonfinite.get(k, 0)
             a["wsq"] += w_norm[k] ** 2
 

@@ -152,3 +152,60 @@ def test_history_is_bounded_for_long_runs():
     assert steps[0] == 0 and steps[-1] >= 500 - 2 * 32 and steps == sorted(steps)
     assert scope.history.last.step == 499 and scope.latest()[""]["grad_norm"] > 0
     scope.detach()
+
+
+class HostSyncs(torch.overrides.TorchFunctionMode):
+    """Records every tensor method that moves data to the host."""
+
+    SYNCS = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.SYNCS:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_device_to_host_transfer_per_collected_step_and_none_in_hooks():
+    model = resnet18()
+    scope = gradscope.watch(model, every=2)
+    for step in range(3):
+        with HostSyncs() as fwd:
+            loss = F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([1, 2]))
+            loss.backward()
+        assert fwd.calls == []  # forward hooks and tensor hooks never sync
+        with HostSyncs() as close:
+            scope.step()
+        assert close.calls == (["cpu", "tolist"] if step % 2 == 0 else [])  # one batched transfer, on collected steps
+        model.zero_grad()
+    scope.detach()
+
+
+def test_activation_checkpointing_recompute_is_not_a_new_call_site():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(checkpoint(self.block, x, use_reentrant=False))
+
+    model = Checkpointed()
+    ref = copy.deepcopy(model)
+    x = torch.randn(3, 4)
+    scope = gradscope.watch(model)
+    model(x).sum().backward()  # the checkpointed block's forward runs again inside this backward
+    scope.step()
+    assert list(scope.latest()) == ["block.0", "block.1", "block", "head"]
+    outs = []
+    ref.block[0].register_forward_hook(lambda m, a, o: outs.append(o))
+    expected = torch.autograd.grad(ref(x).sum(), outs)[0].norm().item()
+    assert scope.latest()["block.0"]["backprop_signal"] == pytest.approx(expected, rel=1e-6)
+    scope.detach()
