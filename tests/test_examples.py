@@ -17,3 +17,12 @@ def test_wrap_training_loop_example(tmp_path):
     assert "gradscope summary" in proc.stdout and "average factor per layer" in proc.stdout
     run = gradscope.load(log)
     assert run.history.steps == [0, 1, 2, 3]
+
+
+def test_audit_models_script():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/audit_models.py"), "--batch-size", "16", "--depth", "6"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith(("mlp", "resnet"))}
+    assert len(lines) == 10
+    assert "vanishing" in lines["mlp6-sigmoid-default"] and lines["resnet18"].endswith("none")
