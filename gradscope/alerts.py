@@ -79,12 +79,16 @@ class AlertBook:
     dropped: int = 0
     _active: set = field(default_factory=set)
 
-    def update(self, conditions: Iterable[Alert]) -> list[Alert]:
-        """Record this step's conditions; log and return only those that just started."""
+    def update(self, conditions: Iterable[Alert], partial: bool = False) -> list[Alert]:
+        """Record this step's conditions; log and return only those that just started.
+
+        With ``partial=True`` (a step the detectors did not see, e.g. an AMP overflow) conditions not listed keep
+        their state instead of clearing.
+        """
         conditions = list(conditions)
         now = {(a.kind, a.layer) for a in conditions}
         new = [a for a in conditions if (a.kind, a.layer) not in self._active]
-        self._active = now
+        self._active = (self._active | now) if partial else now
         log_alerts(new)
         for a in new:
             if len(self.alerts) >= self.max_alerts:

@@ -68,6 +68,10 @@ def vanishing_hint(layers: list[dict]) -> str:
     return "; ".join(tips) + "."
 
 
+ZERO_HINT = ("look downstream for ReLUs that are all dead (lower the learning rate, or use LeakyReLU/GELU), for "
+             ".detach() or torch.no_grad() in forward, or for a frozen zero-initialised layer.")
+
+
 def exploding_hint(layers: list[dict]) -> str:
     types = _module_types(layers)
     tips = ["clip the gradient norm (torch.nn.utils.clip_grad_norm_)", "lower the learning rate",
@@ -93,23 +97,39 @@ class Vanishing:
     1e-3 or larger, so the update is lost entirely (SageMaker's 1e-7 mean-|g| rule fires on healthy late training).
     ``output_side=0.25`` -- the reference is the median of the last quarter of parameterised layers, robust to one
     odd output layer.
+
+    An *exactly* zero gradient fires only when it persists over two collected steps: a zero-initialised layer
+    downstream (a ViT head, ``resnet(zero_init_residual=True)``) gives exact zeros upstream by design at step 0 and
+    clears after one update, whereas all-dead ReLUs or a detached graph keep it at zero.
     """
 
     ratio: float = 1e-3
     floor: float = 1e-10
     output_side: float = 0.25
     kind: str = field(default="vanishing", init=False)
+    _zero_before: set = field(default_factory=set, init=False, repr=False)
 
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
         out: dict[str, Alert] = {}
+        zero_now: set[str] = set()
         profile = signal_profile(record, layers)
         hint = vanishing_hint(layers)
+
+        def zero(name: str, metric: str) -> None:
+            zero_now.add(name)
+            if name in self._zero_before:
+                out[name] = Alert(self.kind, name, record.step, 0.0, self.floor,
+                                  "it received exactly zero gradient on two consecutive collected steps: nothing "
+                                  "downstream passes gradient back to it.", ZERO_HINT, metric)
+
         if len(profile) >= 2:
             ref = output_side_reference(profile, self.output_side)
             if ref > 0:
                 for depth, (name, s) in enumerate(profile):
                     r = s / ref
-                    if r < self.ratio:
+                    if s == 0:
+                        zero(name, "backprop_signal_ratio")
+                    elif r < self.ratio:
                         out[name] = Alert(
                             self.kind, name, record.step, r, self.ratio,
                             f"the gradient signal reaching this layer (depth {depth + 1} of {len(profile)}) is "
@@ -118,11 +138,17 @@ class Vanishing:
         for e in layers:
             stats = record.layers.get(e["name"], {})
             rms = stats.get("grad_rms")
-            if e.get("params") and _finite(rms) and rms < self.floor and e["name"] not in out:
+            # layers not called this step (an unused branch whose .grad was zeroed in place) have no signal: skip
+            if not e.get("params") or not _finite(rms) or "backprop_signal" not in stats or e["name"] in out:
+                continue
+            if rms == 0:
+                zero(e["name"], "grad_rms")
+            elif rms < self.floor:
                 out[e["name"]] = Alert(
                     self.kind, e["name"], record.step, rms, self.floor,
                     f"its gradient RMS is {rms:.1e}, below {self.floor:.0e}: its weights receive no usable update.",
                     hint, "grad_rms")
+        self._zero_before = zero_now
         return list(out.values())
 
 
@@ -168,7 +194,12 @@ class Exploding:
                             hint, "backprop_signal_ratio")
         for e in layers:
             name = e["name"]
-            g = record.layers.get(name, {}).get("grad_norm")
+            st = record.layers.get(name, {})
+            g = st.get("grad_norm")
+            if e.get("params") and g == math.inf and not st.get("grad_nonfinite") and name not in out:
+                out[name] = Alert(self.kind, name, record.step, g, self.bound,
+                                  "its gradient entries are finite but so large that their norm overflows float32.",
+                                  hint, "grad_norm")
             if not e.get("params") or not _finite(g):
                 continue
             if g > self.bound and name not in out:
@@ -204,22 +235,29 @@ class Nonfinite:
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
         hint = ("check the inputs and the loss for log(0), division by zero or overflow; lower the learning rate or clip "
                 "gradients; under mixed precision use torch.amp.GradScaler; torch.autograd.detect_anomaly() names the op.")
+        sites = [e for e in layers if e.get("profile")]
+        backward_bad = any(_backward_nonfinite(record.layers.get(e["name"], {})) for e in sites)
         for e in layers:  # all modules: a parameter-free wrapper can be where the NaN is made
             st = record.layers.get(e["name"], {})
-            if st.get("output_nonfinite"):
+            # an infinite output with finite gradients is legitimate (a -inf attention mask); NaN never is
+            if st.get("output_nan") or (st.get("output_nonfinite") and backward_bad):
                 return [Alert(self.kind, e["name"], record.step, math.nan, 0.0,
                               "its forward output contains NaN/Inf, the first module in forward order to produce one "
                               "(if it is the first layer, check the input data).", hint, "output_nonfinite")]
-        for e in reversed([e for e in layers if e.get("profile")]):
+        for e in reversed(sites):
             st = record.layers.get(e["name"], {})
-            sig = st.get("backprop_signal")
-            if st.get("grad_nonfinite") or (sig is not None and not math.isfinite(sig)):
+            if _backward_nonfinite(st):
                 n = st.get("grad_nonfinite") or 0
                 what = f"{int(n)} NaN/Inf gradient entries" if n else "a NaN/Inf gradient at its output"
                 return [Alert(self.kind, e["name"], record.step, float(n), 0.0,
                               f"it has {what}, the closest layer to the loss where NaN/Inf appears in the backward pass.",
                               hint, "grad_nonfinite")]
         return []
+
+
+def _backward_nonfinite(stats: dict) -> bool:
+    sig = stats.get("backprop_signal")
+    return bool(stats.get("grad_nonfinite")) or (sig is not None and not math.isfinite(sig))
 
 
 def default_detectors() -> list:

@@ -7,7 +7,7 @@ opens it. Every line has a ``"type"``:
   tracked layer or call site in forward order (``name``, ``module`` class, trainable ``params`` count, ``depth``).
 * ``"step"``: step-level information (``step``, ``grad_scale``, ``overflow``).
 * ``"layer"``: one per layer/call site and collected step: ``step``, ``name`` and its statistics as columns.
-* ``"param"``: one per parameter and collected step: ``step``, ``name``, ``layer`` and its statistics.
+* ``"param"``: one per parameter and collected step: ``step``, ``name`` (qualified parameter name) and its statistics.
 * ``"alert"``: one per alert, with the fields of :class:`gradscope.Alert`.
 
 JSON has no NaN or infinity, so non-finite statistics are written as ``null`` and read back as ``nan``; the
@@ -191,7 +191,36 @@ def _write(f, obj: dict) -> None:
 
 
 def _stats(row: dict, skip: tuple) -> dict:
-    return {k: (math.nan if v is None else v) for k, v in row.items() if k not in skip}
+    out = {}
+    for k, v in row.items():
+        if k in skip:
+            continue
+        if v is not None and not isinstance(v, (int, float, bool)):
+            raise ValueError(f"statistic {k!r} is {type(v).__name__}, not a number")
+        out[k] = math.nan if v is None else v
+    return out
+
+
+def _check_meta(meta: dict) -> None:
+    version = meta.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"format version must be an int, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"format version {version} is newer than this gradscope reads ({FORMAT_VERSION}); "
+                         "upgrade gradscope")
+    every = meta.get("every", 1)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ValueError(f"'every' must be a positive int, got {every!r}")
+    layers = meta.get("layers", [])
+    if not isinstance(layers, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in layers):
+        raise ValueError("'layers' must be a list of objects with a string 'name'")
+
+
+def _int(row: dict, key: str) -> int:
+    v = row[key]
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError(f"{key!r} must be an int, got {v!r}")
+    return v
 
 
 def load(path: str | os.PathLike, history: int | None = None) -> Run:
@@ -199,52 +228,58 @@ def load(path: str | os.PathLike, history: int | None = None) -> Run:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a gradscope log (names the line that failed).
+        ValueError: the file is not a valid gradscope log (the message names the line that failed).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no gradscope log at {path!r}; pass the path given to scope.save()")
+    try:
+        with open(path, encoding="utf-8", errors="strict") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path!r} is not a gradscope log (not UTF-8 text): {e}") from None
     records: dict[int, StepRecord] = {}
     alerts: list[Alert] = []
     meta = None
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            lines = f.readlines()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path!r} is not a gradscope log (not UTF-8 text): {e}") from None
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} is not a gradscope log: line {i} is not JSON ({e.msg})") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{path!r} is not a gradscope log: line {i} is not JSON ({e})") from None
         if not isinstance(row, dict) or "type" not in row:
             raise ValueError(f"{path!r} is not a gradscope log: line {i} has no 'type' field")
-        if meta is None:
-            if row.get("type") != "meta" or row.get("format") != FORMAT:
-                raise ValueError(
-                    f"{path!r} is not a gradscope log: its first line must be the meta line written by scope.save()"
-                )
-            if row.get("version", 0) > FORMAT_VERSION:
-                raise ValueError(
-                    f"{path!r} has gradscope log format version {row['version']}, newer than this gradscope reads "
-                    f"({FORMAT_VERSION}); upgrade gradscope"
-                )
-            meta = {k: v for k, v in row.items() if k != "type"}
-            continue
-        kind = row["type"]
         try:
+            if meta is None:
+                if row.get("type") != "meta" or row.get("format") != FORMAT:
+                    raise ValueError("its first line must be the meta line written by scope.save()")
+                meta = {k: v for k, v in row.items() if k != "type"}
+                _check_meta(meta)
+                continue
+            kind = row["type"]
             if kind == "step":
-                records[row["step"]] = StepRecord(row["step"], {}, {}, _stats(row, ("type", "step")))
+                step = _int(row, "step")
+                rec = records.setdefault(step, StepRecord(step, {}, {}, {}))
+                rec.info.update(_stats(row, ("type", "step")))
             elif kind in ("layer", "param"):
-                rec = records.setdefault(row["step"], StepRecord(row["step"], {}, {}, {}))
+                step = _int(row, "step")
+                if not isinstance(row.get("name"), str):
+                    raise ValueError("'name' must be a string")
+                rec = records.setdefault(step, StepRecord(step, {}, {}, {}))
                 target = rec.layers if kind == "layer" else rec.params
                 target[row["name"]] = _stats(row, ("type", "step", "name"))
             elif kind == "alert":
                 fields = {k: row[k] for k in Alert.__dataclass_fields__ if k in row}
-                fields["value"] = math.nan if fields.get("value") is None else fields["value"]
-                fields["threshold"] = math.nan if fields.get("threshold") is None else fields["threshold"]
+                for key in ("kind", "layer", "message", "hint", "metric"):
+                    if key in fields and not isinstance(fields[key], str):
+                        raise ValueError(f"alert field {key!r} must be a string")
+                fields["step"] = _int(row, "step")
+                for key in ("value", "threshold"):
+                    v = fields.get(key)
+                    if v is not None and not isinstance(v, (int, float)):
+                        raise ValueError(f"alert field {key!r} must be a number")
+                    fields[key] = math.nan if v is None else v
                 alerts.append(Alert(**fields))
             else:
                 raise ValueError(f"unknown line type {kind!r}")

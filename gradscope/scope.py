@@ -12,12 +12,20 @@ from torch import nn
 
 from .alerts import Alert, AlertBook
 from .collect import Collector
-from .detectors import default_detectors
+from .detectors import Nonfinite, default_detectors
 from .record import FORMAT, FORMAT_VERSION, History, Run, StepRecord
 from .stats import grad_stats, nonfinite_counts, norms
 
-# Models currently watched, so a second watch() on the same model fails loudly instead of doubling every hook.
-_WATCHED: "weakref.WeakKeyDictionary[nn.Module, Scope]" = weakref.WeakKeyDictionary()
+# Models currently watched, so a second watch() on the same model fails loudly instead of doubling every hook. Values
+# are weak too: a scope holds its model, so a strong value would keep a never-detached model alive forever.
+_WATCHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def watched_by(model: nn.Module) -> "Scope | None":
+    """The attached scope watching ``model``, if any."""
+    ref = _WATCHED.get(model)
+    scope = ref() if ref is not None else None
+    return scope if scope is not None and scope.attached else None
 
 
 def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer | None = None, scaler=None,
@@ -98,6 +106,11 @@ class Scope(Run):
       gradient came back non-finite, to count the NaN/Inf entries).
     """
 
+    OVERFLOW_PATIENCE = 10
+    """Consecutive overflowed collected steps under a GradScaler before a ``nonfinite`` alert. GradScaler's default
+    initial scale (2**16) typically overflows a few times while it settles; ten halvings in a row (a scale 1000x lower)
+    is no longer settling."""
+
     def __init__(self, model, every=1, *, optimizer=None, scaler=None, detectors=None, raise_on=(), history=2000):
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradscope.watch() expects a torch.nn.Module, got {type(model).__name__}; "
@@ -121,7 +134,8 @@ class Scope(Run):
         params, seen = [], set()
         module_info = {}
         for mname, module in model.named_modules():
-            own = [(pn, p) for pn, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+            own = [(pn, p) for pn, p in module.named_parameters(recurse=False)
+                   if p.requires_grad and p.numel() > 0 and id(p) not in seen]  # empty tensors have no statistics
             for pn, p in own:
                 seen.add(id(p))
                 params.append((f"{mname}.{pn}" if mname else pn, mname, p))
@@ -129,8 +143,8 @@ class Scope(Run):
         if not params:
             raise ValueError(f"{type(model).__name__} has no trainable parameters (none with requires_grad=True): "
                              "gradscope monitors gradients, so unfreeze at least one parameter before watch()")
-        if model in _WATCHED:
-            raise ValueError(f"this {type(model).__name__} is already watched by {_WATCHED[model]!r}; "
+        if watched_by(model) is not None:
+            raise ValueError(f"this {type(model).__name__} is already watched by {watched_by(model)!r}; "
                              "call scope.detach() on the first scope (or use `with gradscope.watch(model)`) first")
         if optimizer is not None:
             ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -153,11 +167,22 @@ class Scope(Run):
                 "torch_version": torch.__version__, "layers": []}
         super().__init__(meta, hist, self._book.alerts)
 
+        self._optimizer = optimizer
+        self._overflow_streak = 0
+        self._scale_at_start = None
+        self._opt_handle = None
         self._collector = Collector(model, [p for _, _, p in params])
-        self._collector.active = True
-        self._opt_handle = optimizer.register_step_pre_hook(self._on_optimizer_step) if optimizer is not None else None
-        self._update_layers()
-        _WATCHED[model] = self
+        try:
+            self._collector.active = True
+            if optimizer is not None:
+                self._opt_handle = optimizer.register_step_pre_hook(self._on_optimizer_step)
+                if scaler is not None:
+                    self._collector.on_new_forward = self._check_skipped_step
+            self._update_layers()
+        except BaseException:
+            self.detach()
+            raise
+        _WATCHED[model] = weakref.ref(self)
 
     # -- public ------------------------------------------------------------------------------------------------------
     @property
@@ -200,8 +225,15 @@ class Scope(Run):
         if self._opt_handle is not None:
             self._opt_handle.remove()
             self._opt_handle = None
-        if _WATCHED.get(self.model) is self:
+        if watched_by(self.model) is self or self.model in _WATCHED and _WATCHED[self.model]() is None:
             del _WATCHED[self.model]
+
+    def __del__(self):
+        # nobody can read a scope that is garbage: stop its hooks from filling buffers forever
+        try:
+            self._collector.remove()
+        except Exception:  # interpreter shutdown, or __init__ failed before the collector existed
+            pass
 
     def __enter__(self) -> "Scope":
         return self
@@ -224,28 +256,65 @@ class Scope(Run):
             return
         self._close_step(self._scaler)
 
-    def _close_step(self, scaler) -> list[Alert]:
+    def _check_skipped_step(self) -> None:
+        """Optimizer mode with a GradScaler: close a step whose optimizer step the scaler skipped (overflow).
+
+        Called when a root forward starts. A backward pass with no optimizer step since is either gradient
+        accumulation (scale unchanged) or an overflowed step that ``scaler.step`` skipped and ``scaler.update`` answered
+        by lowering the scale. Telling them apart costs one host sync, only on this path.
+        """
         c = self._collector
-        c.backward_seen = False
+        scale = _scale_tensor(self._scaler)
+        if not c.backward_seen:
+            self._scale_at_start = None if scale is None else scale.detach().clone()  # the scale this backward uses
+            return
+        start = self._scale_at_start
+        if start is None and scale is not None:  # GradScaler creates its scale tensor at its first scale() call
+            start = torch.full_like(scale, float(getattr(self._scaler, "_init_scale", 2.0 ** 16)))
+        if scale is not None and bool(scale < start):
+            self._close_step(self._scaler, scale_t=start, skipped=True)
+            self._scale_at_start = scale.detach().clone()
+
+    def _close_step(self, scaler, scale_t=None, skipped: bool = False) -> list[Alert]:
+        c = self._collector
         step = self._num_steps
-        self._num_steps += 1
-        if not c.active:
-            c.active = self._num_steps % self.every == 0
-            return []
-        try:
-            self._update_layers()
-            record = self._collect(step, scaler)
-        finally:
+        if c.active:
+            try:
+                self._update_layers()
+                record = self._collect(step, scaler, scale_t, skipped)
+            except BaseException:
+                c.reset()  # the step is lost, but counters and buffers stay consistent
+                c.backward_seen = False
+                raise
             c.reset()
-            c.active = self._num_steps % self.every == 0
-        if record.info.get("overflow"):
-            new = []  # the scaler skips this step; gradients are not the model's
+        c.backward_seen = False
+        self._num_steps += 1
+        collected, c.active = c.active, self._num_steps % self.every == 0
+        if not collected:
+            return []
+        if record.info["overflow"]:
+            # the scaler skips this step, so its gradients are not the model's; only a persistent overflow is news
+            new = self._book.update(self._overflow_conditions(record), partial=True)
         else:
-            conditions = [a for d in self.detectors for a in d.check(record, self.meta["layers"])]
-            new = self._book.update(conditions)
+            self._overflow_streak = 0
+            new = self._book.update([a for d in self.detectors for a in d.check(record, self.meta["layers"])])
         self.history.append(record)
         self._book.raise_if_needed(new)
         return new
+
+    def _overflow_conditions(self, record: StepRecord) -> list[Alert]:
+        self._overflow_streak += 1
+        streak, patience = self._overflow_streak, self.OVERFLOW_PATIENCE
+        if streak < patience or "nonfinite" not in {d.kind for d in self.detectors}:
+            return []
+        found = Nonfinite().check(record, self.meta["layers"])
+        return [Alert(
+            "nonfinite", found[0].layer if found else "", record.step, float(streak), float(patience),
+            f"gradients overflowed under the AMP grad scaler on {streak} consecutive collected steps (scale now "
+            f"{record.info['grad_scale']:.3g}): not a transient overflow the scaler can absorb.",
+            "look for values that overflow float16 in the forward pass or the loss (use bfloat16, or compute the loss "
+            "in float32), lower the learning rate, check the inputs; torch.autograd.detect_anomaly() names the op.",
+            "overflow_streak")]
 
     def _update_layers(self) -> None:
         order = self._collector.order
@@ -258,18 +327,27 @@ class Scope(Run):
             entries.append({"name": site, "module": info["module"], "params": info["params"] if site == mname else 0,
                             "profile": mname in self._collector.profile_modules})
         for mname in self._param_layers:
-            if mname not in order:
-                entries.append({"name": mname, "profile": True, **self._module_info[mname]})
+            if mname in order:
+                continue
+            # a parameterised module whose forward never runs (MultiheadAttention.out_proj: its weights are used
+            # functionally by the parent) goes just before its closest called ancestor, which completes after it
+            entry = {"name": mname, "profile": True, **self._module_info[mname]}
+            parents = [i for i, e in enumerate(entries) if mname.startswith(order.get(e["name"], "\0") + ".")]
+            if parents:
+                deepest = max(parents, key=lambda i: len(order[entries[i]["name"]]))
+                entries.insert(deepest, entry)
+            else:
+                entries.append(entry)
         for depth, e in enumerate(entries):
             e["depth"] = depth
         self.meta["layers"] = entries
 
-    def _collect(self, step: int, scaler) -> StepRecord:
+    def _collect(self, step: int, scaler, scale_t=None, skipped: bool = False) -> StepRecord:
         c = self._collector
         have = [(i, p.grad) for i, (_, _, p) in enumerate(self._params) if p.grad is not None]
         grads = [g for _, g in have]
         sites, outs = list(c.signal_sq), list(c.output_sum)
-        scale_t = _scale_tensor(scaler)
+        scale_t = _scale_tensor(scaler) if scale_t is None else scale_t
         pieces = []
         if grads:
             pieces += [grad_stats(grads).flatten(), norms([self._params[i][2] for i, _ in have])]
@@ -288,6 +366,7 @@ class Scope(Run):
         g_norm, g_max, g_nonzero, w_norm = (flat[k * n:(k + 1) * n] for k in range(4))
         pos = 4 * n
         sig = dict(zip(sites, flat[pos:pos + len(sites)]))
+        sig.update({site: 0.0 for site in c.hooked if site not in sig})  # outputs no backward pass reached
         pos += len(sites)
         out_sum = dict(zip(outs, flat[pos:pos + len(outs)]))
         scale = flat[-1] if scale_t is not None else 1.0
@@ -324,9 +403,14 @@ class Scope(Run):
                 st["backprop_signal"] = math.sqrt(sig[name]) / scale
             if name in out_sum:
                 st["output_nonfinite"] = 0.0 if math.isfinite(out_sum[name]) else 1.0
+                st["output_nan"] = 1.0 if math.isnan(out_sum[name]) else 0.0
             if st:
                 layers[name] = st
 
-        overflow = scale_t is not None and (bool(nonfinite) or any(not math.isfinite(v) for v in sig.values()))
+        # Under a scaler, non-finite gradients are an overflow the scaler skips, unless the forward pass made a NaN:
+        # that is a real fault (an infinite forward output, e.g. a -inf attention mask, is left to the scaler).
+        backward_bad = bool(nonfinite) or any(not math.isfinite(v) for v in sig.values())
+        forward_nan = any(math.isnan(v) for v in out_sum.values())
+        overflow = skipped or (scale_t is not None and backward_bad and not forward_nan)
         info = {"grad_scale": scale, "overflow": overflow}
         return StepRecord(step, layers, params, info)

@@ -67,6 +67,11 @@ def test_file_is_strict_json_lines_with_a_type_per_line(run_file):
     (b'{"type": "meta", "format": "wandb"}\n', "first line"),
     (b'[1, 2, 3]\n', "no 'type'"),
     (b'{"type": "meta", "format": "gradscope", "version": 99}\n', "upgrade gradscope"),
+    (b'{"type": "meta", "format": "gradscope", "version": "1"}\n', "version must be an int"),
+    (b'{"type": "meta", "format": "gradscope", "version": 1, "layers": 5}\n', "layers"),
+    (b'{"type": "meta", "format": "gradscope", "version": 1}\n{"type": "step", "step": "3"}\n', "must be an int"),
+    (b'{"type": "meta", "format": "gradscope", "version": 1}\n{"type": "layer", "step": 0, "name": "a", "grad_norm": "big"}\n', "not a number"),
+    (b"[" * 100000 + b"]" * 100000 + b"\n", "not JSON"),
     (b'{"type": "meta", "format": "gradscope", "version": 1}\n{"type": "layer"}\n', "line 2"),
     (b"\xff\xfe\x00binary", "not UTF-8"),
 ])
