@@ -14,11 +14,12 @@ Data flows one way: collect (hooks, :mod:`gradscope.collect`) -> statistics (:mo
 
 from .alerts import Alert, GradientError
 from .audit import AuditReport, audit
-from .detectors import Exploding, Nonfinite, Vanishing, default_detectors
+from .detectors import DeadUnits, Exploding, Nonfinite, Saturation, ThroughTime, Vanishing, default_detectors
 from .record import History, Run, StepRecord, load
 from .scope import Scope, watch
 
 __version__ = "0.1.0"
 
 __all__ = ["watch", "audit", "load", "Scope", "Run", "AuditReport", "StepRecord", "History", "Alert", "GradientError",
-           "Vanishing", "Exploding", "Nonfinite", "default_detectors", "__version__"]
+           "Vanishing", "Exploding", "Nonfinite", "DeadUnits", "Saturation", "ThroughTime", "default_detectors",
+           "__version__"]

@@ -6,7 +6,8 @@ opens it. Every line has a ``"type"``:
 * ``"meta"`` (first line): ``format == "gradscope"``, format ``version``, ``every``, and ``layers``: one entry per
   tracked layer or call site in forward order (``name``, ``module`` class, trainable ``params`` count, ``depth``).
 * ``"step"``: step-level information (``step``, ``grad_scale``, ``overflow``).
-* ``"layer"``: one per layer/call site and collected step: ``step``, ``name`` and its statistics as columns.
+* ``"layer"``: one per layer/call site and collected step: ``step``, ``name`` and its statistics as columns
+  (``through_time`` of a recurrent layer is a list, one value per time step).
 * ``"param"``: one per parameter and collected step: ``step``, ``name`` (qualified parameter name) and its statistics.
 * ``"alert"``: one per alert, with the fields of :class:`gradscope.Alert`.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -183,6 +185,10 @@ class Run:
 def _clean(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
+    if isinstance(v, (list, tuple, array)):  # a profile such as through_time, the meta's layer table
+        return [_clean(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
     return v
 
 
@@ -194,6 +200,11 @@ def _stats(row: dict, skip: tuple) -> dict:
     out = {}
     for k, v in row.items():
         if k in skip:
+            continue
+        if isinstance(v, list):  # a profile such as through_time
+            if not all(x is None or isinstance(x, (int, float)) for x in v):
+                raise ValueError(f"statistic {k!r} must be a list of numbers")
+            out[k] = array("f", [math.nan if x is None else x for x in v])
             continue
         if v is not None and not isinstance(v, (int, float, bool)):
             raise ValueError(f"statistic {k!r} is {type(v).__name__}, not a number")

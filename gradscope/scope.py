@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from array import array
 import weakref
 from collections import defaultdict
 
@@ -14,7 +15,8 @@ from .alerts import Alert, AlertBook
 from .collect import Collector
 from .detectors import Nonfinite, default_detectors
 from .record import FORMAT, FORMAT_VERSION, History, Run, StepRecord
-from .stats import grad_stats, nonfinite_counts, norms
+from .activations import through_time_summary
+from .stats import Transfer, grad_stats, nonfinite_counts, norms
 
 # Models currently watched, so a second watch() on the same model fails loudly instead of doubling every hook. Values
 # are weak too: a scope holds its model, so a strong value would keep a never-detached model alive forever.
@@ -29,7 +31,9 @@ def watched_by(model: nn.Module) -> "Scope | None":
 
 
 def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer | None = None, scaler=None,
-          detectors: list | None = None, raise_on=(), history: int = 2000) -> "Scope":
+          detectors: list | None = None, raise_on=(), history: int = 2000, dead_window: int = 1000,
+          saturation_eps: float = 0.02, unit_dims: dict | None = None, functional: bool = True,
+          update_ratio: bool = False) -> "Scope":
     """Attach gradscope to ``model`` and return the :class:`Scope` that monitors it.
 
     Two ways to close a step:
@@ -50,13 +54,24 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
             thresholds); an empty list disables alerts.
         raise_on: alert kinds that raise :class:`gradscope.GradientError` from ``step()``, e.g. ``{"nonfinite"}``.
         history: the most collected steps kept in memory (older ones are thinned, see :class:`~gradscope.record.History`).
+        dead_window: a ReLU unit is dead when it has not fired on any of the last ``dead_window`` samples (counted on
+            collected steps, rounded to whole batches).
+        saturation_eps: a sigmoid/tanh output within ``saturation_eps`` of a bound counts as saturated. At 0.02 the
+            local derivative is at most 8% of its maximum (sigmoid: 0.0196 of 0.25; tanh: 0.0396 of 1).
+        unit_dims: ``{call site: dim}`` overriding which dimension holds the units of an activation (see
+            :func:`gradscope.activations.unit_dim`), e.g. ``{"features.2": 1}`` for a Conv1d's ``(N, C, L)``.
+        functional: watch functional activations (``F.relu`` in a ``forward``) through a ``TorchFunctionMode`` during
+            the forward pass of collected steps.
+        update_ratio: record ||dw|| / ||w|| per layer and parameter: the size of the last optimizer update relative
+            to the weights. Keeps one copy of the trainable parameters.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` (or ``optimizer``/``scaler`` are of the wrong type).
         ValueError: no trainable parameters, a bad ``every``/``raise_on``/``history``, or the model is already watched.
     """
     return Scope(model, every=every, optimizer=optimizer, scaler=scaler, detectors=detectors, raise_on=raise_on,
-                 history=history)
+                 history=history, dead_window=dead_window, saturation_eps=saturation_eps, unit_dims=unit_dims,
+                 functional=functional, update_ratio=update_ratio)
 
 
 def _scale_tensor(scaler):
@@ -111,7 +126,8 @@ class Scope(Run):
     initial scale (2**16) typically overflows a few times while it settles; ten halvings in a row (a scale 1000x lower)
     is no longer settling."""
 
-    def __init__(self, model, every=1, *, optimizer=None, scaler=None, detectors=None, raise_on=(), history=2000):
+    def __init__(self, model, every=1, *, optimizer=None, scaler=None, detectors=None, raise_on=(), history=2000,
+                 dead_window=1000, saturation_eps=0.02, unit_dims=None, functional=True, update_ratio=False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradscope.watch() expects a torch.nn.Module, got {type(model).__name__}; "
                             "pass the model itself, e.g. gradscope.watch(model)")
@@ -130,6 +146,13 @@ class Scope(Run):
             raise ValueError(f"raise_on names unknown alert kinds {sorted(raise_on - kinds)}; "
                              f"the detectors in use raise {sorted(kinds)}")
         hist = History(history)
+        if isinstance(dead_window, bool) or not isinstance(dead_window, int) or dead_window < 1:
+            raise ValueError(f"dead_window must be a positive int (samples), got {dead_window!r}; e.g. dead_window=1000")
+        if not isinstance(saturation_eps, (int, float)) or not 0 < saturation_eps < 1:
+            raise ValueError(f"saturation_eps must be a number in (0, 1), got {saturation_eps!r}; e.g. 0.02")
+        if unit_dims is not None and not (isinstance(unit_dims, dict) and all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in unit_dims.items())):
+            raise TypeError(f"unit_dims must map call-site names to dimension ints, e.g. {{'conv.1': 1}}; got {unit_dims!r}")
 
         params, seen = [], set()
         module_info = {}
@@ -171,7 +194,11 @@ class Scope(Run):
         self._overflow_streak = 0
         self._scale_at_start = None
         self._opt_handle = None
-        self._collector = Collector(model, [p for _, _, p in params])
+        self._update_ratio = bool(update_ratio)
+        self._snapshot: list | None = None  # the parameters one step before a collected step (update_ratio)
+        self._snapshot_step = -2
+        self._collector = Collector(model, [p for _, _, p in params], dead_window=dead_window,
+                                    saturation_eps=saturation_eps, unit_dims=unit_dims, functional=functional)
         try:
             self._collector.active = True
             if optimizer is not None:
@@ -215,6 +242,17 @@ class Scope(Run):
             raise RuntimeError("scope.step() was called with no backward pass since the last step: call "
                                "loss.backward() before scope.step(), once per optimizer step")
         return self._close_step(scaler if scaler is not None else self._scaler)
+
+    def dead_units(self) -> dict[str, torch.Tensor]:
+        """``{ReLU call site: indices of its dead units}`` (CPU tensors; one transfer, at your call).
+
+        A unit is dead when it fired on none of the last ``dead_window`` samples seen on collected steps.
+        """
+        return {site: torch.nonzero(t.dead_mask()).flatten().cpu() for site, t in self._collector.dead.items()}
+
+    def firing_rates(self) -> dict[str, torch.Tensor]:
+        """``{ReLU call site: per-unit fraction of samples on which it fires}`` (moving average over the window)."""
+        return {site: t.rate.detach().cpu() for site, t in self._collector.dead.items()}
 
     def detach(self) -> None:
         """Remove every hook this scope added (module, tensor, parameter and optimizer hooks). Idempotent.
@@ -290,6 +328,8 @@ class Scope(Run):
         c.backward_seen = False
         self._num_steps += 1
         collected, c.active = c.active, self._num_steps % self.every == 0
+        if self._update_ratio and c.active:
+            self._take_snapshot(step)
         if not collected:
             return []
         if record.info["overflow"]:
@@ -301,6 +341,15 @@ class Scope(Run):
         self.history.append(record)
         self._book.raise_if_needed(new)
         return new
+
+    def _take_snapshot(self, step: int) -> None:
+        """Copy the parameters before this step's optimizer update; the next (collected) step reports ||dw|| / ||w||."""
+        current = [p.detach() for _, _, p in self._params]
+        if self._snapshot is None:
+            self._snapshot = [w.clone() for w in current]
+        else:
+            torch._foreach_copy_(self._snapshot, current)
+        self._snapshot_step = step
 
     def _overflow_conditions(self, record: StepRecord) -> list[Alert]:
         self._overflow_streak += 1
@@ -324,6 +373,10 @@ class Scope(Run):
         entries = []
         for site, mname in order.items():
             info = self._module_info[mname]
+            if site in self._collector.functional_sites:  # "block:relu": a functional call inside block.forward
+                entries.append({"name": site, "module": f"F.{self._collector.functional_sites[site]}", "params": 0,
+                                "profile": False})
+                continue
             entries.append({"name": site, "module": info["module"], "params": info["params"] if site == mname else 0,
                             "profile": mname in self._collector.profile_modules})
         for mname in self._param_layers:
@@ -346,36 +399,46 @@ class Scope(Run):
         c = self._collector
         have = [(i, p.grad) for i, (_, _, p) in enumerate(self._params) if p.grad is not None]
         grads = [g for _, g in have]
-        sites, outs = list(c.signal_sq), list(c.output_sum)
+        weights = [self._params[i][2] for i, _ in have]
         scale_t = _scale_tensor(scaler) if scale_t is None else scale_t
-        pieces = []
+        dead = [site for site in c.observed if site in c.dead]
+        use_snapshot = self._snapshot is not None and self._snapshot_step == step - 1
+
+        tr = Transfer()
         if grads:
-            pieces += [grad_stats(grads).flatten(), norms([self._params[i][2] for i, _ in have])]
-        if sites:
-            pieces.append(torch.stack(list(c.signal_sq.values())))
-        if outs:
-            pieces.append(torch.stack(list(c.output_sum.values())))
+            tr.add("grad", grad_stats(grads))
+            tr.add("weight", norms(weights))
+            if use_snapshot:
+                tr.add("update", norms(torch._foreach_sub([w.detach() for w in weights],
+                                                          [self._snapshot[i] for i, _ in have])))
+        if c.signal_sq:
+            tr.add("signal", torch.stack(list(c.signal_sq.values())))
+        if c.output_sum:
+            tr.add("out", torch.stack(list(c.output_sum.values())))
         if scale_t is not None:
-            pieces.append(scale_t.detach().reshape(1).float())
-        flat = []
-        if pieces:
-            device = pieces[0].device
-            flat = torch.cat([x.to(device) for x in pieces]).cpu().tolist()  # the one transfer of this step
+            tr.add("scale", scale_t)
+        for site in dead:
+            tr.add(("dead", site), c.dead[site].device_stats())
+        for site, tracker in c.saturation.items():
+            tr.add(("sat", site), tracker.device_stats())
+        for site, tracker in c.through_time.items():
+            tr.add(("time", site), tracker.profile)
+        got = tr.fetch()  # the one transfer of this step
 
         n = len(grads)
-        g_norm, g_max, g_nonzero, w_norm = (flat[k * n:(k + 1) * n] for k in range(4))
-        pos = 4 * n
-        sig = dict(zip(sites, flat[pos:pos + len(sites)]))
+        g_norm, g_max, g_nonzero = (got.get("grad", [])[k * n:(k + 1) * n] for k in range(3))
+        w_norm, upd = got.get("weight", []), got.get("update")
+        sig = dict(zip(c.signal_sq, got.get("signal", [])))
         sig.update({site: 0.0 for site in c.hooked if site not in sig})  # outputs no backward pass reached
-        pos += len(sites)
-        out_sum = dict(zip(outs, flat[pos:pos + len(outs)]))
-        scale = flat[-1] if scale_t is not None else 1.0
+        out_sum = dict(zip(c.output_sum, got.get("out", [])))
+        scale = got["scale"][0] if scale_t is not None else 1.0
         grad_scale = 1.0 if scale_t is None or _grads_already_unscaled(scaler) else scale
 
         bad = [k for k in range(n) if not math.isfinite(g_norm[k])]
         nonfinite = dict(zip(bad, nonfinite_counts([grads[k] for k in bad]))) if bad else {}
 
-        params, agg = {}, defaultdict(lambda: {"sq": [], "numel": 0, "max": [], "zeros": 0.0, "nf": 0, "wsq": 0.0})
+        params = {}
+        agg = defaultdict(lambda: {"sq": [], "numel": 0, "max": [], "zeros": 0.0, "nf": 0, "wsq": 0.0, "usq": 0.0})
         for k, (i, g) in enumerate(have):
             pname, lname, p = self._params[i]
             numel = p.numel()
@@ -383,6 +446,8 @@ class Scope(Run):
             params[pname] = {"grad_norm": gn, "grad_rms": gn / math.sqrt(numel), "grad_max": gm,
                              "grad_zero_frac": zeros / numel, "grad_nonfinite": nonfinite.get(k, 0),
                              "weight_norm": w_norm[k]}
+            if upd is not None:
+                params[pname]["update_ratio"] = upd[k] / w_norm[k] if w_norm[k] > 0 else math.nan
             a = agg[lname]
             a["sq"].append(gn * gn)
             a["numel"] += numel
@@ -390,20 +455,35 @@ class Scope(Run):
             a["zeros"] += zeros
             a["nf"] += nonfinite.get(k, 0)
             a["wsq"] += w_norm[k] ** 2
+            a["usq"] += upd[k] ** 2 if upd is not None else 0.0
 
         layers = {}
         for e in self.meta["layers"]:
             name, st = e["name"], {}
             if name in agg:
                 a = agg[name]
-                gn = math.sqrt(sum(a["sq"]))
+                gn, wn = math.sqrt(sum(a["sq"])), math.sqrt(a["wsq"])
                 st.update(grad_norm=gn, grad_rms=gn / math.sqrt(a["numel"]), grad_max=_nanmax(a["max"]),
-                          grad_zero_frac=a["zeros"] / a["numel"], grad_nonfinite=a["nf"], weight_norm=math.sqrt(a["wsq"]))
+                          grad_zero_frac=a["zeros"] / a["numel"], grad_nonfinite=a["nf"], weight_norm=wn)
+                if upd is not None:
+                    st["update_ratio"] = math.sqrt(a["usq"]) / wn if wn > 0 else math.nan
             if name in sig:
                 st["backprop_signal"] = math.sqrt(sig[name]) / scale
             if name in out_sum:
                 st["output_nonfinite"] = 0.0 if math.isfinite(out_sum[name]) else 1.0
                 st["output_nan"] = 1.0 if math.isnan(out_sum[name]) else 0.0
+            if ("dead", name) in got:
+                count, rate = got[("dead", name)]
+                tracker = c.dead[name]
+                units = tracker.last_fired.numel()
+                st.update(dead_fraction=count / units, dead_units=count, units=units, fire_rate=rate,
+                          dead_window_filled=float(tracker.seen >= tracker.window))
+            if ("sat", name) in got:
+                st["saturation"], st["mean_output"] = got[("sat", name)]
+            if ("time", name) in got:
+                profile = [v / scale for v in got[("time", name)]]
+                st["through_time_ratio"], st["through_time_reach"] = through_time_summary(profile)
+                st["through_time"] = array("f", profile)
             if st:
                 layers[name] = st
 

@@ -63,3 +63,25 @@ def nonfinite_counts(tensors: list[Tensor]) -> list[int]:
 def sq_norm(t: Tensor) -> Tensor:
     """Squared L2 norm as a float32 0-d tensor (sums of these add up over batches and backward calls)."""
     return torch.linalg.vector_norm(t.detach(), dtype=torch.float32).square()
+
+
+class Transfer:
+    """Gathers device tensors under keys and brings them all to the host in one copy (one sync per collected step)."""
+
+    def __init__(self):
+        self._parts: list = []
+
+    def add(self, key, t: Tensor) -> None:
+        self._parts.append((key, t.detach().reshape(-1).float()))
+
+    def fetch(self) -> dict:
+        """``{key: list of floats}``."""
+        if not self._parts:
+            return {}
+        device = self._parts[0][1].device
+        flat = torch.cat([t.to(device) for _, t in self._parts]).cpu().tolist()
+        out, pos = {}, 0
+        for key, t in self._parts:
+            out[key] = flat[pos:pos + t.numel()]
+            pos += t.numel()
+        return out

@@ -1,0 +1,324 @@
+"""Activation diagnostics against values computed here: dead units, saturation, gradient through time, update ratio."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import gradscope
+from conftest import rel_close
+from gradscope.models import deep_mlp
+
+N_UNITS, DEAD = 16, [2, 5, 11]
+
+
+class FunctionalRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, N_UNITS)
+
+    def forward(self, x):
+        return F.relu(self.lin(x))
+
+
+class Head(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.body, self.out = body, nn.Linear(N_UNITS, 3)
+
+    def forward(self, x):
+        return self.out(self.body(x))
+
+
+def killed(body):
+    lin = body.lin if hasattr(body, "lin") else body[0]
+    with torch.no_grad():
+        lin.bias[DEAD] = -1e3
+    return Head(body)
+
+
+@pytest.mark.parametrize("body,site", [
+    (lambda: nn.Sequential(nn.Linear(8, N_UNITS), nn.ReLU()), "body.1"),
+    (lambda: nn.Sequential(nn.Linear(8, N_UNITS), nn.ReLU(inplace=True)), "body.1"),
+    (FunctionalRelu, "body:relu"),
+])
+def test_dead_units_exact(body, site):
+    model = killed(body())
+    scope = gradscope.watch(model, dead_window=400)
+    for step in range(5):  # 5 x 100 samples: the window fills at step 3
+        F.cross_entropy(model(torch.randn(100, 8)), torch.randint(0, 3, (100,))).backward()
+        new = scope.step()
+        model.zero_grad()
+        st = scope.latest()[site]
+        assert st["dead_fraction"] == len(DEAD) / N_UNITS and st["units"] == N_UNITS
+        assert st["dead_window_filled"] == (step >= 3)
+    assert scope.dead_units()[site].tolist() == DEAD
+    rates = scope.firing_rates()[site]
+    assert rates[DEAD].eq(0).all() and rates[[i for i in range(N_UNITS) if i not in DEAD]].gt(0.1).all()
+    assert list(scope.dead_units()) == [site]  # nn.ReLU's internal F.relu is not a second site
+    scope.detach()
+
+
+def test_dead_units_alert_fires_once_the_window_fills():
+    model = killed(nn.Sequential(nn.Linear(8, N_UNITS), nn.ReLU()))
+    with torch.no_grad():
+        model.body[0].bias[:10] = -1e3  # with DEAD, 11 of 16 dead: above the default threshold of one half
+    scope = gradscope.watch(model, dead_window=300)
+    fired = []
+    for step in range(5):
+        model(torch.randn(100, 8)).sum().backward()
+        fired.append([(a.kind, a.layer) for a in scope.step()])
+    assert fired == [[], [], [("dead_units", "body.1")], [], []]
+    alert = scope.alerts[0]
+    assert alert.value == 11 / 16 and "11 of 16 units" in alert.message and "LeakyReLU" in alert.hint
+    scope.detach()
+
+
+def test_unit_rule_and_override():
+    assert [gradscope.activations.unit_dim(n) for n in (1, 2, 3, 4, 5)] == [0, 1, 2, 1, 1]
+
+    class Conv1dNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 6, 3, padding=1)
+
+        def forward(self, x):
+            return F.relu(self.conv(x)).mean()
+
+    model = Conv1dNet()
+    with torch.no_grad():
+        model.conv.bias[[1, 4]] = -1e3
+    scope = gradscope.watch(model, unit_dims={":relu": 1})  # (N, C, L): channels, not the last dim
+    model(torch.randn(32, 4, 10)).backward()
+    scope.step()
+    assert scope.dead_units()[":relu"].tolist() == [1, 4] and scope.latest()[":relu"]["units"] == 6
+    scope.detach()
+
+
+def test_functional_calls_are_named_after_their_module_per_call():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.tanh(self.b(torch.relu(F.relu(self.a(x)))))
+
+    model = nn.Sequential(Block(), nn.Linear(4, 1))
+    scope = gradscope.watch(model)
+    for _ in range(2):
+        model(torch.randn(5, 4)).sum().backward()
+        scope.step()
+    names = [e["name"] for e in scope.meta["layers"] if e["module"].startswith("F.")]
+    assert names == ["0:relu", "0:relu#2", "0:tanh"]
+    assert {"dead_fraction"} <= scope.latest()["0:relu#2"].keys() and "saturation" in scope.latest()["0:tanh"]
+    scope.detach()
+
+
+def test_resnet18_has_a_dead_fraction_for_all_17_relu_call_sites_with_stable_names():
+    model = torchvision.models.resnet18(num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scope = gradscope.watch(model)
+    seen = []
+    for _ in range(2):
+        F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.randint(0, 10, (4,))).backward()
+        scope.step()
+        opt.step()
+        opt.zero_grad()
+        seen.append([n for n, st in scope.latest().items() if "dead_fraction" in st])
+    assert seen[0] == seen[1] and len(seen[0]) == 17
+    assert seen[0][:3] == ["relu", "layer1.0.relu", "layer1.0.relu#2"]
+    assert scope.latest()["layer1.0.relu#2"]["units"] == 64 and scope.latest()["layer4.1.relu"]["units"] == 512
+    scope.detach()
+
+
+def test_saturated_sigmoid_layers_are_reported_and_alerted():
+    model = deep_mlp(4, 64, "sigmoid", in_features=32)
+    with torch.no_grad():
+        for lin in model[1::2]:
+            lin.weight.mul_(30.0)  # large weights: pre-activations far from 0
+    scope = gradscope.watch(model)
+    x = torch.randn(256, 32)
+    F.cross_entropy(model(x), torch.randint(0, 10, (256,))).backward()
+    scope.step()
+    ref = copy.deepcopy(model)
+    outs = []
+    for m in ref:
+        if isinstance(m, nn.Sigmoid):
+            m.register_forward_hook(lambda mod, a, o: outs.append(o.detach()))
+    ref(x)
+    for site, y in zip(["2", "4", "6"], outs):
+        expected = ((y < 0.02) | (y > 0.98)).float().mean().item()
+        assert scope.latest()[site]["saturation"] == pytest.approx(expected, abs=1e-6) and expected > 0.6
+        assert scope.latest()[site]["mean_output"] == pytest.approx(y.mean().item(), rel=1e-5)
+    assert {a.layer for a in scope.alerts if a.kind == "saturation"} == {"2", "4", "6"}
+    scope.detach()
+
+
+def test_well_initialised_tanh_net_is_not_saturated():
+    model = deep_mlp(6, 128, "tanh", "xavier", in_features=32)
+    scope = gradscope.watch(model)
+    F.cross_entropy(model(torch.randn(256, 32)), torch.randint(0, 10, (256,))).backward()
+    scope.step()
+    sats = [st["saturation"] for st in scope.latest().values() if "saturation" in st]
+    assert len(sats) == 5 and max(sats) < 0.1
+    assert not [a for a in scope.alerts if a.kind == "saturation"]
+    scope.detach()
+
+
+class SeqClassifier(nn.Module):
+    def __init__(self, cell, batch_first=True, layers=1, bidirectional=False, embed=False):
+        super().__init__()
+        self.embed = nn.Linear(6, 6) if embed else None
+        self.rnn = cell(6, 12, num_layers=layers, batch_first=batch_first, bidirectional=bidirectional)
+        self.head = nn.Linear(12 * (2 if bidirectional else 1), 2)
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        if self.embed is not None:
+            x = self.embed(x)
+        out, _ = self.rnn(x)
+        last = out[:, -1] if self.batch_first else out[-1]
+        return self.head(last)
+
+
+def through_time_reference(model, x, y):
+    """dLoss/d(input at step t), norm over features, mean over the batch: by plain autograd on a copy."""
+    model = copy.deepcopy(model)
+    inputs = []
+    model.rnn.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    if model.embed is None:
+        x = x.clone().requires_grad_()
+    loss = F.cross_entropy(model(x), y)
+    g = torch.autograd.grad(loss, inputs[0])[0]
+    return g.norm(dim=-1).mean(dim=0 if model.batch_first else 1)
+
+
+@pytest.mark.parametrize("cell,batch_first,layers,bidirectional,embed", [
+    (nn.RNN, True, 1, False, False),
+    (nn.LSTM, False, 2, False, False),
+    (nn.GRU, True, 1, True, False),
+    (nn.LSTM, True, 1, False, True),
+])
+def test_gradient_through_time_matches_autograd(cell, batch_first, layers, bidirectional, embed):
+    torch.manual_seed(0)
+    model = SeqClassifier(cell, batch_first, layers, bidirectional, embed)
+    x = torch.randn(5, 20, 6) if batch_first else torch.randn(20, 5, 6)
+    y = torch.randint(0, 2, (5,))
+    expected = through_time_reference(model, x, y)
+    twin = copy.deepcopy(model)
+    scope = gradscope.watch(model)
+    F.cross_entropy(model(x), y).backward()
+    scope.step()
+    profile = scope.latest()["rnn"]["through_time"]
+    assert len(profile) == 20
+    assert torch.allclose(torch.tensor(list(profile)), expected, rtol=1e-5, atol=0)
+    # the scope gave the recurrent layer an input to differentiate: parameter gradients are unchanged, bitwise
+    F.cross_entropy(twin(x), y).backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    scope.detach()
+
+
+def test_vanilla_rnn_forgets_early_steps_and_is_flagged():
+    torch.manual_seed(0)
+    model = SeqClassifier(nn.RNN)
+    scope = gradscope.watch(model)
+    x, y = torch.randn(16, 100, 6), torch.randint(0, 2, (16,))
+    F.cross_entropy(model(x), y).backward()
+    new = scope.step()
+    st = scope.latest()["rnn"]
+    assert st["through_time_ratio"] < 1e-6 and st["through_time_reach"] < 30
+    alert = next(a for a in new if a.metric == "through_time_ratio")
+    assert alert.kind == "vanishing" and alert.layer == "rnn" and "through time" in alert.message
+    assert "LSTM" in alert.hint
+    assert "gradient through time, rnn (100 steps)" in scope.summary()
+    scope.detach()
+
+
+def test_update_to_weight_ratio_matches_the_optimizer_step():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scope = gradscope.watch(model, update_ratio=True)
+    before = None
+    for step in range(3):
+        F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 0, 1])).backward()
+        now = [p.detach().clone() for p in model.parameters()]
+        scope.step()
+        if step == 0:
+            assert "update_ratio" not in scope.latest()["0"]  # no previous update yet
+        else:
+            w0, b0 = now[0], now[1]
+            dw0, db0 = w0 - before[0], b0 - before[1]
+            expected = ((dw0.norm() ** 2 + db0.norm() ** 2).sqrt() / (w0.norm() ** 2 + b0.norm() ** 2).sqrt()).item()
+            assert rel_close(scope.latest()["0"]["update_ratio"], expected, 1e-5)
+            assert rel_close(scope.latest(per="param")["2.weight"]["update_ratio"],
+                             ((now[2] - before[2]).norm() / now[2].norm()).item(), 1e-5)
+        before = now
+        opt.step()
+        opt.zero_grad()
+    scope.detach()
+
+
+def run_steps(model, x_fn, loss_fn, watch_kwargs=None, steps=6):
+    torch.manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scope = gradscope.watch(model, **watch_kwargs) if watch_kwargs is not None else None
+    losses = []
+    for _ in range(steps):
+        x, y = x_fn()
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if scope is not None:
+            scope.step()
+        opt.step()
+        losses.append(loss.detach().clone())
+    if scope is not None:
+        scope.detach()
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("make,x_fn", [
+    (lambda: torchvision.models.resnet18(num_classes=10),
+     lambda: (torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))),
+    (lambda: SeqClassifier(nn.LSTM, embed=False),
+     lambda: (torch.randn(4, 15, 6), torch.randint(0, 2, (4,)))),
+    (lambda: nn.Sequential(FunctionalRelu(), nn.Tanh(), nn.Linear(N_UNITS, 3)),
+     lambda: (torch.randn(8, 8), torch.randint(0, 3, (8,)))),
+])
+def test_full_monitoring_changes_nothing_bitwise(make, x_fn):
+    torch.manual_seed(0)
+    model = make()
+    twin = copy.deepcopy(model)
+    plain = run_steps(model, x_fn, F.cross_entropy)
+    watched = run_steps(twin, x_fn, F.cross_entropy, {"update_ratio": True, "dead_window": 8})
+    assert all(torch.equal(a, b) for a, b in zip(plain[0], watched[0]))
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], watched[1]))
+
+
+def test_activation_state_is_O_units_and_profiles_round_trip(tmp_path):
+    model = SeqClassifier(nn.GRU, embed=True)
+    model = nn.Sequential(nn.Flatten(0, 0), model)
+    scope = gradscope.watch(model)
+    for _ in range(3):
+        F.cross_entropy(model(torch.randn(64, 30, 6)), torch.randint(0, 2, (64,))).backward()
+        scope.step()
+    path = tmp_path / "rnn.jsonl"
+    scope.save(path)
+    run = gradscope.load(path)
+    assert list(run.latest()["1.rnn"]["through_time"]) == list(scope.latest()["1.rnn"]["through_time"])
+    assert run.summary() == scope.summary()
+    scope.detach()
+
+    relu = nn.Sequential(nn.Linear(4, 7), nn.ReLU())
+    scope = gradscope.watch(relu)
+    for _ in range(3):
+        relu(torch.randn(500, 4)).sum().backward()
+        scope.step()
+    tracker = scope._collector.dead["1"]
+    assert tracker.last_fired.shape == (7,) and tracker.rate.shape == (7,)  # no batch kept
+    scope.detach()
