@@ -91,8 +91,8 @@ class DeadUnits:
             self.seen = 0
         alpha = 1.0 if self.seen == 0 else min(1.0, n / self.window)  # the first batch sets the rate
         self.seen += n
-        self.last_fired = torch.where(fired > 0, torch.full_like(fired, self.seen), self.last_fired)
-        self.rate.mul_(1 - alpha).add_(fired.float() / n, alpha=alpha)
+        self.last_fired.masked_fill_(fired > 0, self.seen)
+        self.rate.lerp_(fired.float() / n, alpha)
 
     def dead_mask(self) -> Tensor:
         return (self.seen - self.last_fired) >= min(self.window, self.seen)

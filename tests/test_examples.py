@@ -26,3 +26,11 @@ def test_audit_models_script():
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith(("mlp", "resnet"))}
     assert len(lines) == 10
     assert "vanishing" in lines["mlp6-sigmoid-default"] and lines["resnet18"].endswith("none")
+
+
+def test_activation_diagnostics_example():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/activation_diagnostics.py"), "--steps", "3",
+                           "--batch-size", "16"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("dead fraction (%) per ReLU call site") == 2
+    assert all(name in proc.stdout for name in ("RNN ", "LSTM ", "LSTM-fb1", "GRU "))
