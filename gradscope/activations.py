@@ -84,6 +84,8 @@ class DeadUnits:
     def observe(self, out: Tensor, dim: int) -> None:
         per_sample = fired_per_sample(out, dim)  # (N, U), >= 0 after a ReLU: non-zero means fired
         n = per_sample.shape[0]
+        if n == 0:
+            return  # an empty batch (a mixture-of-experts branch that got no tokens) says nothing
         fired = torch.count_nonzero(per_sample, dim=0)  # (U,) samples on which each unit fired
         if self.last_fired is None or self.last_fired.shape != fired.shape:
             self.last_fired = torch.zeros_like(fired)
@@ -116,9 +118,9 @@ class Saturation:
         self.count = 0
 
     def observe(self, out: Tensor) -> None:
-        y = out.detach()
+        y = out.detach().float()  # bf16 would round the bounds: compare in float32 (a no-op for float32 outputs)
         mid, half = (self.high + self.low) / 2, (self.high - self.low) / 2
-        sat = torch.count_nonzero((y - mid).abs() > half - self.eps)
+        sat = torch.count_nonzero((y - mid).abs() >= half - self.eps)
         total = y.sum(dtype=torch.float32)
         self.saturated = sat if self.saturated is None else self.saturated + sat
         self.total = total if self.total is None else self.total + total

@@ -21,6 +21,7 @@ On steps that are not collected every hook returns after one attribute check.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from functools import partial
 
@@ -51,17 +52,30 @@ def _all_tensors(out) -> list[Tensor]:
     return []
 
 
-def _hook_target(t: Tensor) -> Tensor:
-    """The tensor to hook for dLoss/d(t).
+def _hook_target(t: Tensor, args) -> Tensor:
+    """The tensor to hook for dLoss/d(t), an output of a module called with ``args``.
 
     An inplace op on a *view* (nn.Linear on a 3-d input returns one, then ``ReLU(inplace=True)``) rebases the view's
     history, and a hook already on the view never fires. Its base keeps its place in the graph; when the view spans
-    the whole base, the base's gradient is the view's, reshaped, with the same norm.
+    the whole base and the base was made inside this module call, the base's gradient is the view's, reshaped. A base
+    that came in as an input (``nn.Flatten`` returns a view of its input) may have other consumers: hook the view.
     """
     base = t._base
-    if base is not None and base.requires_grad and base.numel() == t.numel():
-        return base
-    return t
+    if base is None or base.is_leaf or not base.requires_grad or base.numel() != t.numel():
+        return t
+    if any(base is a or base is a._base for a in _all_tensors(args)):
+        return t
+    return base
+
+
+class _ForwardState(threading.local):
+    """Per-thread state of the forward pass in progress (nn.DataParallel runs replicas in threads)."""
+
+    def __init__(self):
+        self.calls: dict[str, int] = {}  # call counts per module (or functional base name) in this forward
+        self.stack: list[str] = []  # modules whose forward is running, innermost last
+        self.depth = 0  # nesting of root forward calls (a root that calls itself is one forward pass)
+        self.mode = None  # the FunctionalCalls mode this thread entered
 
 
 def _in_backward() -> bool:
@@ -106,10 +120,8 @@ class Collector:
         self.dead_window, self.saturation_eps = dead_window, saturation_eps
         self.unit_dims = dict(unit_dims or {})
         self.module_kinds: dict[str, str] = {}
-        self._calls: dict[str, int] = {}
-        self._stack: list[str] = []
-        self._mode = FunctionalCalls(self._on_function) if functional else None
-        self._mode_entered = False
+        self._fwd = _ForwardState()
+        self.functional = functional
         self._handles: list = []
         self._tensor_handles: list = []
         self._param_hook_dicts_were_none: list[nn.Parameter] = []
@@ -132,7 +144,8 @@ class Collector:
             if module is not model:
                 self._handles.append(module.register_forward_pre_hook(partial(self._enter_module, name)))
             if kind == "recurrent":
-                self._handles.append(module.register_forward_pre_hook(partial(self._recurrent_input, name)))
+                self._handles.append(module.register_forward_pre_hook(partial(self._recurrent_input, name),
+                                                                      with_kwargs=True))
             owns = any(p.requires_grad for p in module.parameters(recurse=False))
             leaf = next(iter(module.children()), None) is None
             if module is model and not (owns or leaf):
@@ -148,42 +161,63 @@ class Collector:
                 self._param_hook_dicts_were_none.append(p)
             self._handles.append(p.register_post_accumulate_grad_hook(on_accumulate))
 
+    def __deepcopy__(self, memo):
+        """A deep copy of a watched model (an EMA copy, say) gets hooks that do nothing: it is not the watched model."""
+        inert = Collector.__new__(Collector)
+        inert.active = inert.attached = inert.functional = False
+        inert.on_new_forward = None
+        inert._fwd = _ForwardState()
+        memo[id(self)] = inert
+        return inert
+
     def _live(self) -> bool:
         # _in_backward: activation checkpointing re-runs forwards during backward; those are not new calls
         return self.active and self.attached and not _in_backward()
 
     # -- hooks -------------------------------------------------------------------------------------------------------
     def _new_forward(self, module, args):
-        if self.on_new_forward is not None and self.attached:
+        st = self._fwd
+        if st.depth == 0 and self.on_new_forward is not None and self.attached:
             self.on_new_forward()
-        if not self._live():
+        st.depth += 1
+        if st.depth > 1 or not self._live():
             return
-        self._calls.clear()
-        self._stack = [self._root]
-        if self._mode is not None and not self._mode_entered and torch.is_grad_enabled():
-            self._mode.__enter__()
-            self._mode_entered = True
+        st.calls.clear()
+        st.stack = [self._root]
+        if self.functional and torch.is_grad_enabled():
+            st.mode = FunctionalCalls(self._on_function)
+            st.mode.__enter__()
 
     def _end_forward(self, module, args, output):
-        if self._mode_entered:
-            self._mode_entered = False
-            self._mode.__exit__(None, None, None)
-        self._stack = []
+        st = self._fwd
+        st.depth = max(0, st.depth - 1)
+        if st.depth == 0:
+            self._leave_forward()
+
+    def _leave_forward(self) -> None:
+        st = self._fwd
+        if st.mode is not None:
+            mode, st.mode = st.mode, None
+            mode.__exit__(None, None, None)
+        st.stack = []
+        st.depth = 0
 
     def _enter_module(self, name: str, module, args):
         if self._live():
-            self._stack.append(name)
+            self._fwd.stack.append(name)
 
     def _next_site(self, base: str) -> str:
-        call = self._calls.get(base, 0) + 1
-        self._calls[base] = call
+        calls = self._fwd.calls
+        call = calls.get(base, 0) + 1
+        calls[base] = call
         return site_name(base, call)
 
     def _on_forward(self, name: str, module, args, output):
         if not self._live():
             return
-        if self._stack and self._stack[-1] == name:
-            self._stack.pop()
+        stack = self._fwd.stack
+        if stack and stack[-1] == name:
+            stack.pop()
         site = self._next_site(name)
         if not torch.is_grad_enabled():
             return
@@ -201,12 +235,13 @@ class Collector:
             self.output_sum[site] = s if prev is None else prev + s
         self.hooked.add(site)
         for t in tensors:
-            self._tensor_handles.append(_hook_target(t).register_hook(partial(self._on_grad, site)))
+            self._tensor_handles.append(_hook_target(t, args).register_hook(partial(self._on_grad, site)))
 
     def _on_function(self, kind: str, out: Tensor) -> None:
-        if not self._live() or not torch.is_grad_enabled():
+        # outputs that need no grad (masks, metrics) take no part in learning; depth 0: a mode left by an interrupt
+        if not self._live() or not out.requires_grad or self._fwd.depth == 0:
             return
-        owner = self._stack[-1] if self._stack else self._root
+        owner = self._fwd.stack[-1] if self._fwd.stack else self._root
         if self.module_kinds.get(owner) in ("relu", "sigmoid", "tanh"):
             return  # nn.ReLU's own F.relu: the module is the site
         site = self._next_site(f"{owner}:{kind}")
@@ -227,17 +262,22 @@ class Collector:
                 tracker = self.saturation[site] = Saturation(kind, self.saturation_eps)
             tracker.observe(out)
 
-    def _recurrent_input(self, name: str, module, args):
-        if not self._live() or not torch.is_grad_enabled() or not args:
+    def _recurrent_input(self, name: str, module, args, kwargs):
+        if not self._live() or not torch.is_grad_enabled():
             return None
-        x = args[0]
+        keyword = not args
+        x = kwargs.get("input") if keyword else args[0]
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            return None  # a PackedSequence: no per-step layout to read
-        site = site_name(name, self._calls.get(name, 0) + 1)  # the call the forward hook will name
+            return None  # a PackedSequence: its packed layout has no per-step axis to read
+        if not x.requires_grad and not any(p.requires_grad for p in module.parameters()):
+            return None  # a frozen layer on data: giving it a differentiable input would build a graph through it
+        site = site_name(name, self._fwd.calls.get(name, 0) + 1)  # the call the forward hook will name
         x2 = x.view_as(x) if x.requires_grad else x.detach().requires_grad_()
         batch_dim = None if x.ndim == 2 else (0 if getattr(module, "batch_first", False) else 1)
         self._tensor_handles.append(x2.register_hook(partial(self._on_time_grad, site, batch_dim)))
-        return (x2,) + tuple(args[1:])
+        if keyword:
+            return args, {**kwargs, "input": x2}
+        return (x2,) + tuple(args[1:]), kwargs
 
     def _on_time_grad(self, site: str, batch_dim, grad: Tensor):
         if not self.attached or grad is None:
@@ -263,7 +303,8 @@ class Collector:
         self.observed = set()
         self.saturation = {}
         self.through_time = {}
-        self._calls.clear()
+        self._leave_forward()  # steps close outside forward passes: a mode still entered was left by an interrupt
+        self._fwd.calls.clear()
         for h in self._tensor_handles:
             h.remove()
         self._tensor_handles.clear()
@@ -271,8 +312,6 @@ class Collector:
     def remove(self) -> None:
         """Remove every hook this collector added. Idempotent."""
         self.attached = False
-        if self._mode_entered:
-            self._end_forward(None, None, None)
         self.reset()
         for h in self._handles:
             h.remove()

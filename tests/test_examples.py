@@ -34,3 +34,10 @@ def test_activation_diagnostics_example():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("dead fraction (%) per ReLU call site") == 2
     assert all(name in proc.stdout for name in ("RNN ", "LSTM ", "LSTM-fb1", "GRU "))
+
+
+def test_train_cifar10_example():
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/train_cifar10.py"), "--model", "plain20", "--steps", "3",
+                           "--batch-size", "16", "--subset", "64"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "gradscope summary: CifarResNet" in proc.stdout and "layer1.0.relu2" in proc.stdout

@@ -1,0 +1,50 @@
+"""A plain CIFAR-10 training script with gradscope added (lines marked ###): any model of the zoo, or your own.
+
+    python examples/train_cifar10.py --model plain56 --steps 300
+    python examples/train_cifar10.py --model rnn-pixels --steps 50 --lr 1e-3
+
+The full comparison runner is `gradscope compare` (python -m gradscope.compare); this is the same loop, unadorned.
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import gradscope
+from gradscope.data import Batches, load_cifar10
+from gradscope.models import build_model
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--subset", type=int, default=10_000)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    data = load_cifar10(args.data_dir, train_subset=args.subset, test_subset=1000)
+    model = build_model(args.model).to(args.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    batches = Batches(data.train_images, data.train_labels, args.batch_size, args.device, augment=True)
+
+    scope = gradscope.watch(model, optimizer=optimizer)  ### the one added line: steps close at optimizer.step()
+    for step in range(args.steps):
+        x, y = next(batches)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0:
+            print(f"step {step:4d}  loss {loss.item():.3f}")
+    print(scope.summary())  ### and what it found
+    scope.detach()
+
+
+if __name__ == "__main__":
+    main()
