@@ -69,26 +69,36 @@ def log_alerts(new: list[Alert], max_names: int = 6) -> None:
 class AlertBook:
     """Turns per-step conditions into alerts that fire when a condition starts.
 
-    A condition is keyed by ``(kind, layer)``. It fires on the first collected step where it holds, stays silent while it
-    keeps holding, and fires again if it clears on some collected step and later returns.
+    A condition is keyed by ``(kind, layer)``. It fires on the first collected step where it holds and stays silent
+    while it keeps holding. Once it has been clear for ``rearm_after`` consecutive collected steps its episode is
+    over, and it fires again when it returns. The default of 10 keeps a quantity that wobbles around a threshold
+    (a deep plain net's signal ratio near 1e-3, step after step) to one alert per episode instead of one per wobble.
     """
 
     raise_on: frozenset = frozenset()
     max_alerts: int = 10_000
+    rearm_after: int = 10
     alerts: list = field(default_factory=list)
     dropped: int = 0
-    _active: set = field(default_factory=set)
+    _clear_for: dict = field(default_factory=dict)  # key of an open episode -> collected steps it has been clear
 
     def update(self, conditions: Iterable[Alert], partial: bool = False) -> list[Alert]:
         """Record this step's conditions; log and return only those that just started.
 
         With ``partial=True`` (a step the detectors did not see, e.g. an AMP overflow) conditions not listed keep
-        their state instead of clearing.
+        their state instead of counting as clear.
         """
         conditions = list(conditions)
         now = {(a.kind, a.layer) for a in conditions}
-        new = [a for a in conditions if (a.kind, a.layer) not in self._active]
-        self._active = (self._active | now) if partial else now
+        new = [a for a in conditions if (a.kind, a.layer) not in self._clear_for]
+        if not partial:
+            for key in list(self._clear_for):
+                if key not in now:
+                    self._clear_for[key] += 1
+                    if self._clear_for[key] >= self.rearm_after:
+                        del self._clear_for[key]
+        for key in now:
+            self._clear_for[key] = 0
         log_alerts(new)
         for a in new:
             if len(self.alerts) >= self.max_alerts:

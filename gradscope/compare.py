@@ -127,8 +127,11 @@ def train(name: str, data, cfg: Config, run_dir: Path, device) -> dict:
         opt.step()
         recent.append((loss.detach(), (logits.argmax(1) == y).sum(), len(y)))
         if bar is not None and (step % 10 == 0 or step == steps):
+            last = recent[-10:]
+            acc = sum(c.item() for _, c, _ in last) / sum(n for *_, n in last)
             bar.update(step - bar.n)
-            bar.set_postfix(loss=f"{loss.item():.3f}", steps_per_s=f"{step / (time.perf_counter() - start):.1f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}",
+                            steps_per_s=f"{step / (time.perf_counter() - start):.1f}")
         if step in eval_at:
             train_loss = sum(l.item() * n for l, _, n in recent) / sum(n for *_, n in recent)
             train_acc = sum(c.item() for _, c, _ in recent) / sum(n for *_, n in recent)
@@ -161,7 +164,8 @@ def _signal_ratio(scope, record) -> float:
 def _row(name, model, steps, last, wall, scope, source) -> dict:
     latest = scope.latest()
     dead = [st["dead_fraction"] for st in latest.values() if "dead_fraction" in st]
-    through = [st["through_time_reach"] for st in latest.values() if "through_time_reach" in st]
+    through = [(st["through_time_ratio"], st["through_time_reach"]) for st in latest.values()
+               if "through_time_reach" in st]
     kinds = {}
     for a in scope.alerts:
         kinds[a.kind] = kinds.get(a.kind, 0) + 1
@@ -173,7 +177,8 @@ def _row(name, model, steps, last, wall, scope, source) -> dict:
         "signal_in/out_init": _signal_ratio(scope, records[0] if records else None),
         "signal_in/out_end": _signal_ratio(scope, records[-1] if records else None),
         "max_dead": max(dead) if dead else math.nan,
-        "reach_steps": through[0] if through else math.nan,
+        "through_time_ratio": through[0][0] if through else math.nan,
+        "reach_steps": through[0][1] if through else math.nan,
         "data": source,
     }
 
@@ -191,7 +196,8 @@ def _progress(total, name, enabled):
 COLUMNS = [("model", "model", "{}"), ("params", "params", "{:,}"), ("steps", "steps", "{}"),
            ("train_acc", "train acc", "{:.3f}"), ("test_acc", "test acc", "{:.3f}"), ("wall_s", "wall s", "{:.1f}"),
            ("signal_in/out_init", "signal in/out (init)", "{:.1e}"), ("signal_in/out_end", "signal in/out (end)", "{:.1e}"),
-           ("max_dead", "max dead", "{:.2f}"), ("reach_steps", "reach (steps)", "{:.0f}"), ("alerts", "alerts", "{}")]
+           ("max_dead", "max dead", "{:.2f}"), ("through_time_ratio", "first/last step grad", "{:.1e}"),
+           ("reach_steps", "reach (steps)", "{:.0f}"), ("alerts", "alerts", "{}")]
 
 
 def format_table(rows: list[dict]) -> str:

@@ -132,18 +132,27 @@ def test_alerts_go_to_the_gradscope_logger(caplog):
     assert any(r.name == "gradscope" and "vanishing" in r.getMessage() for r in caplog.records)
 
 
+def cond(step, layers):
+    return [Alert("vanishing", n, step, 0.0, 1e-3, "m", "h") for n in layers]
+
+
 def test_alert_fires_when_a_condition_starts_and_again_when_it_returns():
-    book = AlertBook()
-
-    def cond(step, layers):
-        return [Alert("vanishing", n, step, 0.0, 1e-3, "m", "h") for n in layers]
-
+    book = AlertBook(rearm_after=1)
     assert [a.layer for a in book.update(cond(0, ["a"]))] == ["a"]
     assert book.update(cond(1, ["a"])) == []  # still holds: silent
     assert [a.layer for a in book.update(cond(2, ["a", "b"]))] == ["b"]
     assert book.update(cond(3, ["b"])) == []  # a cleared
     assert [(a.layer, a.step) for a in book.update(cond(4, ["a", "b"]))] == [("a", 4)]  # a returned
     assert [(a.layer, a.step) for a in book.alerts] == [("a", 0), ("b", 2), ("a", 4)]
+
+
+def test_a_wobbling_condition_is_one_episode_until_it_stays_clear():
+    book = AlertBook()  # rearm_after=10
+    fired = [len(book.update(cond(step, ["a"] if step % 2 == 0 else [])))for step in range(40)]
+    assert sum(fired) == 1  # on, off, on, off ...: one alert
+    for step in range(40, 50):
+        book.update(cond(step, []))  # clear for 10 collected steps: the episode is over
+    assert [a.step for a in book.update(cond(50, ["a"]))] == [50]
 
 
 def test_sudden_jump_is_flagged_exploding():
