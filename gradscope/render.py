@@ -78,8 +78,10 @@ def format_summary(run, max_names: int = 8) -> str:
     lines.append("")
     if len(profile) >= 2:
         factor = run.decay_factor(rec)
-        trend = ("shrinks towards the input: vanishing" if factor < 0.7 else
-                 "grows towards the input: exploding" if factor > 1.5 else "roughly steady with depth")
+        overall = profile[0][1] / profile[-1][1] if profile[-1][1] > 0 else math.nan
+        trend = (f"input side gets {overall:.1e} of the output side's: shrinks towards the input" if overall < 0.1 else
+                 f"input side gets {overall:.1e}x the output side's: grows towards the input" if overall > 10 else
+                 "roughly steady with depth")
         lines.append(f"backprop signal, input -> output over {len(profile)} parameterised layers: "
                      f"{profile[0][1]:.2e} ({short_name(profile[0][0], 20)}) ... {profile[-1][1]:.2e} "
                      f"({short_name(profile[-1][0], 20)}); average factor per layer {factor:.3g} ({trend})")
