@@ -30,6 +30,20 @@ def load(args, n):
     return load_cifar10_subset(root, "train", n=n, seed=0)
 
 
+def train(model, opt, scope, images, labels, steps, batch, clip=None):
+    """A plain training loop with the scope closing each step; yields (step, loss) after each optimizer step."""
+    for step in range(steps):
+        i = (step * batch) % len(images)
+        loss = F.cross_entropy(model(images[i:i + batch]), labels[i:i + batch])
+        opt.zero_grad()
+        loss.backward()
+        scope.step()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        yield step, loss
+
+
 def dead_relus(images, labels, steps, batch, lr):
     torch.manual_seed(0)
     model = deep_mlp(8, 256, "relu", "kaiming")
@@ -37,13 +51,7 @@ def dead_relus(images, labels, steps, batch, lr):
     scope = gradscope.watch(model, dead_window=1000)
     sites = None
     print(f"\n8-layer ReLU MLP, SGD lr={lr}: dead fraction (%) per ReLU call site (window: 1,000 samples)")
-    for step in range(steps):
-        i = (step * batch) % len(images)
-        loss = F.cross_entropy(model(images[i:i + batch]), labels[i:i + batch])
-        opt.zero_grad()
-        loss.backward()
-        scope.step()
-        opt.step()
+    for step, loss in train(model, opt, scope, images, labels, steps, batch):
         latest = scope.latest()
         if sites is None:
             sites = [n for n, st in latest.items() if "dead_fraction" in st]
@@ -86,14 +94,8 @@ def through_time(images, labels, steps, batch, pixels):
         model = Reader(cell, pixels, forget_bias)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         scope = gradscope.watch(model)
-        for step in range(steps):
-            i = (step * batch) % len(images)
-            loss = F.cross_entropy(model(images[i:i + batch]), labels[i:i + batch])
-            opt.zero_grad()
-            loss.backward()
-            scope.step()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+        for _, loss in train(model, opt, scope, images, labels, steps, batch, clip=1.0):
+            pass
         st = scope.latest()["rnn"]
         p = list(st["through_time"])
         print(f"{name:<8} {loss.item():>6.3f} " + " ".join(f"{p[k]:>9.2e}" for k in

@@ -48,6 +48,15 @@ def output_side_reference(profile: list[tuple[str, float]], fraction: float) -> 
     return statistics.median(s for _, s in profile[-k:])
 
 
+def _sites_with(record: StepRecord, layers: list[dict], key: str):
+    """``(name, stats, value)`` for each layer or call site whose statistic ``key`` is finite this step."""
+    for e in layers:
+        stats = record.layers.get(e["name"], {})
+        value = stats.get(key)
+        if _finite(value):
+            yield e["name"], stats, value
+
+
 def _module_types(layers: list[dict]) -> set[str]:
     return {e.get("module", "") for e in layers}
 
@@ -270,19 +279,14 @@ class DeadUnits:
     kind: str = field(default="dead_units", init=False)
 
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
-        out = []
-        for e in layers:
-            st = record.layers.get(e["name"], {})
-            frac = st.get("dead_fraction")
-            if _finite(frac) and st.get("dead_window_filled") and frac > self.threshold:
-                out.append(Alert(
-                    self.kind, e["name"], record.step, frac, self.threshold,
-                    f"{int(st['dead_units'])} of {int(st['units'])} units ({100 * frac:.0f}%) have not fired on any of "
-                    f"the last samples of the window: they pass no gradient and no longer learn.",
-                    "lower the learning rate (a large update pushes biases far negative); use LeakyReLU or GELU, which "
-                    "keep a gradient for negative inputs; use Kaiming initialisation; add normalisation (BatchNorm) "
-                    "before the ReLU.", "dead_fraction"))
-        return out
+        return [Alert(self.kind, name, record.step, frac, self.threshold,
+                      f"{int(st['dead_units'])} of {int(st['units'])} units ({100 * frac:.0f}%) have not fired on any "
+                      f"of the last samples of the window: they pass no gradient and no longer learn.",
+                      "lower the learning rate (a large update pushes biases far negative); use LeakyReLU or GELU, "
+                      "which keep a gradient for negative inputs; use Kaiming initialisation; add normalisation "
+                      "(BatchNorm) before the ReLU.", "dead_fraction")
+                for name, st, frac in _sites_with(record, layers, "dead_fraction")
+                if st.get("dead_window_filled") and frac > self.threshold]
 
 
 @dataclass
@@ -299,19 +303,13 @@ class Saturation:
     kind: str = field(default="saturation", init=False)
 
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
-        out = []
-        for e in layers:
-            st = record.layers.get(e["name"], {})
-            sat = st.get("saturation")
-            if _finite(sat) and sat > self.threshold:
-                out.append(Alert(
-                    self.kind, e["name"], record.step, sat, self.threshold,
-                    f"{100 * sat:.0f}% of its outputs are at a bound (mean output {st.get('mean_output', math.nan):.3f}),"
-                    f" where the activation's derivative is nearly zero.",
-                    "use Xavier/Glorot initialisation for sigmoid/tanh, or smaller initial weights; normalise the inputs "
-                    "and add BatchNorm/LayerNorm before the activation; prefer ReLU-family activations in hidden layers.",
-                    "saturation"))
-        return out
+        return [Alert(self.kind, name, record.step, sat, self.threshold,
+                      f"{100 * sat:.0f}% of its outputs are at a bound (mean output "
+                      f"{st.get('mean_output', math.nan):.3f}), where the activation's derivative is nearly zero.",
+                      "use Xavier/Glorot initialisation for sigmoid/tanh, or smaller initial weights; normalise the "
+                      "inputs and add BatchNorm/LayerNorm before the activation; prefer ReLU-family activations in "
+                      "hidden layers.", "saturation")
+                for name, st, sat in _sites_with(record, layers, "saturation") if sat > self.threshold]
 
 
 @dataclass
@@ -327,20 +325,14 @@ class ThroughTime:
     kind: str = field(default="vanishing", init=False)
 
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
-        out = []
-        for e in layers:
-            st = record.layers.get(e["name"], {})
-            r = st.get("through_time_ratio")
-            if _finite(r) and r < self.ratio:
-                steps = len(st.get("through_time", ()))
-                out.append(Alert(
-                    self.kind, e["name"], record.step, r, self.ratio,
-                    f"through time: the earliest of its {steps} input steps receive {r:.1e} of the gradient the last "
-                    f"ones get; it reaches back only {int(st.get('through_time_reach', 0))} steps.",
-                    "use a gated recurrent layer (LSTM/GRU; for an LSTM a forget-gate bias of 1 helps), clip gradients, "
-                    "shorten the sequences or add skip connections through time; orthogonal initialisation of the "
-                    "recurrent weights helps a plain RNN.", "through_time_ratio"))
-        return out
+        return [Alert(self.kind, name, record.step, r, self.ratio,
+                      f"through time: the earliest of its {len(st.get('through_time', ()))} input steps receive "
+                      f"{r:.1e} of the gradient the last ones get; it reaches back only "
+                      f"{int(st.get('through_time_reach', 0))} steps.",
+                      "use a gated recurrent layer (LSTM/GRU; for an LSTM a forget-gate bias of 1 helps), clip "
+                      "gradients, shorten the sequences or add skip connections through time; orthogonal "
+                      "initialisation of the recurrent weights helps a plain RNN.", "through_time_ratio")
+                for name, st, r in _sites_with(record, layers, "through_time_ratio") if r < self.ratio]
 
 
 def _backward_nonfinite(stats: dict) -> bool:
