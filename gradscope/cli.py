@@ -1,10 +1,11 @@
-"""The ``gradscope`` command: ``gradscope compare ...`` (CIFAR-10 comparisons)."""
+"""The ``gradscope`` command: ``gradscope compare ...`` (CIFAR-10 comparisons), ``gradscope report ...`` (figures)."""
 
 from __future__ import annotations
 
 import sys
 
-COMMANDS = {"compare": "train several architectures on CIFAR-10 with gradscope attached (see gradscope compare -h)"}
+COMMANDS = {"compare": "train several architectures on CIFAR-10 with gradscope attached (see gradscope compare -h)",
+            "report": "figures and a self-contained HTML page from saved runs (see gradscope report -h)"}
 
 
 def main(argv=None) -> int:
@@ -17,6 +18,10 @@ def main(argv=None) -> int:
             return 2
         print(usage)
         return 0 if argv else 2
+    if argv[0] == "report":
+        from . import report
+
+        return report.main(argv[1:])
     from . import compare
 
     return compare.main(argv[1:])

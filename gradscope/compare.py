@@ -5,7 +5,7 @@
 
 Each model's run writes ``OUT/<timestamp>-<name>/<model>/``: ``config.json``, ``gradscope.jsonl`` (the scope's log),
 ``metrics.csv`` (one row per evaluation) and ``summary.txt``; the comparison table goes to ``comparison.md`` and
-``comparison.csv`` beside them and to the terminal.
+``comparison.csv`` beside them and to the terminal, and the figures with ``report.html`` to ``figures/``.
 """
 
 from __future__ import annotations
@@ -236,6 +236,14 @@ def run(cfg: Config) -> tuple[Path, list[dict]]:
         writer.writeheader()
         writer.writerows(rows)
     print("\n" + header + "\n" + table + f"\n\nwritten to {out}/")
+    try:  # figures and report.html when matplotlib is there (gradscope[plot] / [examples])
+        from .record import load
+        from .report import write_report
+
+        page = write_report([(name, load(out / name / "gradscope.jsonl")) for name in cfg.models], out / "figures")
+        print(f"figures and report: {page}")
+    except ImportError:
+        print("(no figures: matplotlib is not installed; pip install 'gradscope[plot]')")
     return out, rows
 
 

@@ -167,6 +167,15 @@ class Run:
 
         return format_summary(self)
 
+    def plot(self, kind: str = "flow", path=None, **kwargs):
+        """A figure of this run: ``flow`` (gradient flow), ``heatmap``, ``dead``, ``saturation`` or ``time``
+        (see :mod:`gradscope.figures`; needs matplotlib). Saved to ``path`` when given."""
+        from . import figures
+
+        if kind not in figures.FIGURES:
+            raise ValueError(f"kind must be one of {sorted(figures.FIGURES)}, got {kind!r}")
+        return figures.FIGURES[kind](self, path=path, **kwargs)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the run as JSON Lines (see the module docstring for the layout)."""
         path = os.fspath(path)

@@ -2,7 +2,10 @@ import gc
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+import gradscope
 
 from gradscope.data import find_cifar10_folder, load_cifar10_subset
 
@@ -50,3 +53,17 @@ def hook_entries(model: nn.Module, optimizer=None) -> list[str]:
 
 def rel_close(a: float, b: float, rtol: float = 1e-6) -> bool:
     return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-30)
+
+
+def train_watched(model, steps, batch, lr=0.01, **watch_kwargs):
+    """``steps`` SGD steps of cross-entropy on ``batch()`` with a scope attached; returns the detached scope."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    scope = gradscope.watch(model, **watch_kwargs)
+    for _ in range(steps):
+        x, y = batch()
+        F.cross_entropy(model(x), y).backward()
+        scope.step()
+        opt.step()
+        opt.zero_grad()
+    scope.detach()
+    return scope

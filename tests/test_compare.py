@@ -98,6 +98,7 @@ def test_quick_preset_end_to_end_on_real_images(cifar_root, tmp_path):
     assert "vanishing" in sigmoid["alerts"] and float(sigmoid["signal_in/out_init"]) < 1e-6
     assert float(next(r for r in rows if r["model"] == "lstm-rows")["reach_steps"]) > 0
     assert "| model | params |" in (out / "comparison.md").read_text()
+    assert (out / "figures/report.html").is_file() and (out / "figures/comparison.png").is_file()
 
 
 @pytest.mark.parametrize("args,message", [

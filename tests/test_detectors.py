@@ -11,21 +11,13 @@ import torchvision
 from torch import nn
 
 import gradscope
+from conftest import train_watched
 from gradscope.alerts import Alert, AlertBook
 from gradscope.models import deep_mlp
 
 
 def train(model, steps, batch=lambda: (torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))), lr=0.01, **kw):
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    scope = gradscope.watch(model, **kw)
-    for _ in range(steps):
-        x, y = batch()
-        F.cross_entropy(model(x), y).backward()
-        scope.step()
-        opt.step()
-        opt.zero_grad()
-    scope.detach()
-    return scope
+    return train_watched(model, steps, batch, lr, **kw)
 
 
 def test_deep_sigmoid_mlp_at_default_init_is_flagged_vanishing_on_early_layers():

@@ -1,0 +1,142 @@
+"""Figures from real short runs (Agg backend), and `gradscope report`."""
+
+import re
+
+import matplotlib
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+matplotlib.use("Agg")
+
+import gradscope  # noqa: E402
+from conftest import train_watched  # noqa: E402
+from gradscope import compare, figures, report  # noqa: E402
+from gradscope.models import SequenceClassifier, deep_mlp  # noqa: E402
+
+
+class Mixed(nn.Module):
+    """ReLU and sigmoid sites, to feed every activation figure."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = deep_mlp(4, 32, "relu", "kaiming", in_features=12, classes=16)
+        self.gate = nn.Sigmoid()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.gate(self.body(x)))
+
+
+def trained(model, x_fn, steps=6):
+    return train_watched(model, steps, x_fn, lr=0.05, dead_window=16)
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    torch.manual_seed(0)
+    return trained(Mixed(), lambda: (torch.randn(16, 12), torch.randint(0, 3, (16,))))
+
+
+@pytest.fixture(scope="module")
+def recurrent():
+    runs = []
+    for cell in ("rnn", "lstm"):
+        torch.manual_seed(0)
+        model = SequenceClassifier(cell, "rows", hidden=16)
+        runs.append(trained(model, lambda: (torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))), steps=3))
+    return runs
+
+
+def saved(fig, path):
+    assert path.stat().st_size > 5000
+    matplotlib.pyplot.close(fig)
+
+
+def test_gradient_flow(mixed, tmp_path):
+    fig = figures.gradient_flow(mixed, path=tmp_path / "flow.png")
+    ax = fig.axes[0]
+    profile = [e["name"] for e in mixed.meta["layers"] if e.get("profile") and e["name"] in mixed.latest()]
+    signal = ax.lines[0]
+    assert len(signal.get_xdata()) == len(profile)  # one point per layer, parameter-free ones included
+    assert ax.get_yscale() == "log" and ax.get_xlabel() and ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == ["backprop signal ||dL/d output||",
+                                                                       "parameter-gradient RMS"]
+    saved(fig, tmp_path / "flow.png")
+
+
+def test_heatmap(mixed, tmp_path):
+    fig = figures.heatmap(mixed, path=tmp_path / "heat.png")
+    image = fig.axes[0].images[0]
+    layers = [n for n, st in mixed.latest().items() if "grad_norm" in st]
+    assert image.get_array().shape == (len(layers), len(mixed.history))
+    saved(fig, tmp_path / "heat.png")
+
+
+def test_dead_and_saturation_timelines(mixed, tmp_path):
+    fig = figures.dead_units(mixed, path=tmp_path / "dead.png")
+    relu_sites = [n for n, st in mixed.latest().items() if "dead_fraction" in st]
+    assert len(relu_sites) == 3 and len(fig.axes[0].lines) == len(relu_sites)
+    saved(fig, tmp_path / "dead.png")
+    fig = mixed.plot("saturation", path=tmp_path / "sat.png")  # the shortcut
+    assert len(fig.axes[0].lines) == 1
+    saved(fig, tmp_path / "sat.png")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        mixed.plot("pie")
+
+
+def test_through_time_overlay_and_comparison(recurrent, mixed, tmp_path):
+    fig = figures.through_time(recurrent, path=tmp_path / "time.png", labels=["rnn", "lstm"])
+    assert len(fig.axes[0].lines) == 2 and fig.axes[0].get_yscale() == "log"
+    saved(fig, tmp_path / "time.png")
+    with pytest.raises(ValueError, match="no recurrent layer"):
+        figures.through_time(mixed)
+    fig = figures.comparison(recurrent + [mixed], path=tmp_path / "cmp.png")
+    assert len(fig.axes) == 3 and all(len(ax.lines) == 3 for ax in fig.axes)
+    saved(fig, tmp_path / "cmp.png")
+
+
+def test_figures_from_a_saved_file(mixed, tmp_path):
+    mixed.save(tmp_path / "run.jsonl")
+    fig = figures.gradient_flow(tmp_path / "run.jsonl", path=tmp_path / "f.png")
+    saved(fig, tmp_path / "f.png")
+    with pytest.raises(TypeError, match="Scope, Run or path"):
+        figures.heatmap(42)
+
+
+def test_report_embeds_every_image(mixed, recurrent, tmp_path):
+    paths = []
+    for name, scope in (("mixed", mixed), ("rnn", recurrent[0]), ("lstm", recurrent[1])):
+        paths.append(str(tmp_path / f"{name}.jsonl"))
+        scope.save(paths[-1])
+    assert report.main(paths + ["--out", str(tmp_path / "out")]) == 0
+    page = (tmp_path / "out/report.html").read_text()
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    assert len(re.findall("data:image/png;base64,", page)) == len(pngs) >= 9
+    assert "comparison.png" in {p.name for p in pngs} and "through-time-overlay.png" in {p.name for p in pngs}
+    assert "gradscope summary" in page and "src='report" not in page  # self-contained
+
+
+def test_report_on_the_comparison_runner_output(tmp_path):
+    out, _ = compare.run(compare.Config(models=["mlp3-relu-kaiming", "rnn-rows"], steps=4, subset=64,
+                                        test_subset=32, synthetic=True, out=str(tmp_path / "runs"), progress=False))
+    assert report.main([str(out), "--out", str(tmp_path / "rep")]) == 0
+    names = {p.name for p in (tmp_path / "rep").glob("*.png")}
+    assert {"mlp3-relu-kaiming-flow.png", "rnn-rows-time.png", "comparison.png"} <= names
+
+
+def test_report_bad_inputs(tmp_path, capsys):
+    assert report.main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"hello": 1}\n')
+    assert report.main([str(foreign), "--out", str(tmp_path / "o")]) == 1
+    assert "not a gradscope log" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    scope = gradscope.watch(nn.Linear(2, 2))
+    scope.save(empty)
+    scope.detach()
+    assert report.main([str(empty), "--out", str(tmp_path / "o")]) == 1
+    assert "no collected step" in capsys.readouterr().err
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "o")]) == 1  # a directory without logs
