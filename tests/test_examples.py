@@ -41,3 +41,13 @@ def test_train_cifar10_example():
                            "--batch-size", "16", "--subset", "64"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "gradscope summary: CifarResNet" in proc.stdout and "layer1.0.relu2" in proc.stdout
+
+
+def test_overhead_benchmark_script_runs_tiny():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench_overhead.py"), "--models", "mlp20", "lstm",
+                           "--steps", "2", "--rounds", "1", "--warmup", "1", "--batch-size", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "monitor" not in line]
+    assert len(rows) >= 8 and rows[0].startswith("| plain | ") and "| 1.000 | 1.000 |" in rows[0]
+    assert any(line.startswith("| gradscope every=10 |") for line in rows)
