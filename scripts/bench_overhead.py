@@ -12,6 +12,7 @@ Memory: the process RSS after each monitor's block on CPU (max_memory_allocated 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -181,6 +182,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device")
     device = torch.device(args.device)
+    logging.getLogger("gradscope").setLevel(logging.ERROR)  # random batches raise alerts; timing only here
     monitors, notes = available_monitors()
     mem = "peak MiB (CUDA)" if device.type == "cuda" else "RSS MiB after"
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
