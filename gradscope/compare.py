@@ -26,7 +26,6 @@ import torch.nn.functional as F
 import gradscope
 
 from .data import Batches, batches_of, load_cifar10
-from .detectors import signal_profile
 from .models import build_model, family
 
 _ACT = [("sigmoid", "xavier"), ("tanh", "xavier"), ("relu", "kaiming")]
@@ -154,13 +153,6 @@ def train(name: str, data, cfg: Config, run_dir: Path, device) -> dict:
     return _row(name, model, steps, metrics[-1], wall, scope, data.source)
 
 
-def _signal_ratio(scope, record) -> float:
-    profile = signal_profile(record, scope.meta["layers"]) if record is not None else []
-    if len(profile) < 2 or not profile[-1][1] > 0:
-        return math.nan
-    return profile[0][1] / profile[-1][1]
-
-
 def _row(name, model, steps, last, wall, scope, source) -> dict:
     latest = scope.latest()
     dead = [st["dead_fraction"] for st in latest.values() if "dead_fraction" in st]
@@ -174,8 +166,8 @@ def _row(name, model, steps, last, wall, scope, source) -> dict:
         "model": name, "params": sum(p.numel() for p in model.parameters()), "steps": steps,
         "train_acc": round(last["train_acc"], 4), "test_acc": round(last["test_acc"], 4), "wall_s": round(wall, 1),
         "alerts": " ".join(f"{k}:{v}" for k, v in kinds.items()) or "-",
-        "signal_in/out_init": _signal_ratio(scope, records[0] if records else None),
-        "signal_in/out_end": _signal_ratio(scope, records[-1] if records else None),
+        "signal_in/out_init": scope.signal_ratio(records[0]) if records else math.nan,
+        "signal_in/out_end": scope.signal_ratio(records[-1]) if records else math.nan,
         "max_dead": max(dead) if dead else math.nan,
         "through_time_ratio": through[0][0] if through else math.nan,
         "reach_steps": through[0][1] if through else math.nan,

@@ -19,27 +19,12 @@ import statistics
 from dataclasses import dataclass, field
 
 from .alerts import Alert
-from .record import StepRecord
+from .record import StepRecord, _finite, signal_profile
 
 SATURATING = {"Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid"}
 RECURRENT = {"RNN", "RNNCell"}
 NORMS = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
          "InstanceNorm3d", "RMSNorm", "SyncBatchNorm"}
-
-
-def _finite(x) -> bool:
-    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def signal_profile(record: StepRecord, layers: list[dict]) -> list[tuple[str, float]]:
-    """``[(layer, backprop_signal)]`` for parameterised layers with a finite signal, input side first."""
-    out = []
-    for e in layers:
-        if e.get("params") and e["name"] in record.layers:
-            s = record.layers[e["name"]].get("backprop_signal")
-            if _finite(s):
-                out.append((e["name"], s))
-    return out
 
 
 def output_side_reference(profile: list[tuple[str, float]], fraction: float) -> float:

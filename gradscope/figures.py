@@ -203,8 +203,7 @@ def _series(run: Run, metric: str):
     xs, ys = [], []
     for r in run.history.records():
         if metric == "signal_ratio":
-            prof = signal_profile(r, run.meta["layers"])
-            v = prof[0][1] / prof[-1][1] if len(prof) >= 2 and prof[-1][1] > 0 else math.nan
+            v = run.signal_ratio(r)
         elif metric == "grad_norm":
             sq = [st["grad_norm"] ** 2 for st in r.layers.values() if "grad_norm" in st]
             v = math.sqrt(sum(sq)) if sq else math.nan

@@ -47,6 +47,21 @@ class StepRecord:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def signal_profile(record: StepRecord, layers: list[dict]) -> list[tuple[str, float]]:
+    """``[(layer, backprop_signal)]`` for parameterised layers with a finite signal, input side first."""
+    out = []
+    for e in layers:
+        if e.get("params") and e["name"] in record.layers:
+            s = record.layers[e["name"]].get("backprop_signal")
+            if _finite(s):
+                out.append((e["name"], s))
+    return out
+
+
 class History:
     """Collected steps in bounded memory.
 
@@ -155,11 +170,19 @@ class Run:
         record = record or self.history.last
         if record is None:
             return math.nan
-        params = {e["name"] for e in self.meta.get("layers", []) if e.get("params")}
-        sig = [s for name, s in self.depth_profile(record) if name in params and math.isfinite(s) and s > 0]
+        sig = [s for _, s in signal_profile(record, self.meta.get("layers", [])) if s > 0]
         if len(sig) < 2:
             return math.nan
         return (sig[0] / sig[-1]) ** (1.0 / (len(sig) - 1))
+
+    def signal_ratio(self, record: StepRecord | None = None) -> float:
+        """Backprop signal of the first parameterised layer over that of the last (input side / output side);
+        ``nan`` with fewer than two layers or no output-side signal."""
+        record = record or self.history.last
+        profile = signal_profile(record, self.meta.get("layers", [])) if record is not None else []
+        if len(profile) < 2 or not profile[-1][1] > 0:
+            return math.nan
+        return profile[0][1] / profile[-1][1]
 
     def summary(self) -> str:
         """A table of the last collected step, the depth profile and the alerts, for a terminal."""

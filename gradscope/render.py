@@ -78,7 +78,7 @@ def format_summary(run, max_names: int = 8) -> str:
     lines.append("")
     if len(profile) >= 2:
         factor = run.decay_factor(rec)
-        overall = profile[0][1] / profile[-1][1] if profile[-1][1] > 0 else math.nan
+        overall = run.signal_ratio(rec)
         trend = (f"input side gets {overall:.1e} of the output side's: shrinks towards the input" if overall < 0.1 else
                  f"input side gets {overall:.1e}x the output side's: grows towards the input" if overall > 10 else
                  "roughly steady with depth")
