@@ -55,80 +55,130 @@ def unit_dim(ndim: int) -> int:
     return 1
 
 
-def fired_per_sample(out: Tensor, dim: int) -> Tensor:
-    """``(samples, units)``: the largest output of each unit on each sample (one reduction over the activation)."""
-    out = out.detach()
-    if out.ndim <= 1:
-        return out.reshape(1, -1)
-    out = out.movedim(dim, 1) if dim != 1 else out
-    if out.ndim == 2:
-        return out
-    return out.flatten(2).amax(dim=2)
+def fired_counts(out: Tensor, dim: int) -> tuple[Tensor, Tensor, int]:
+    """Forward-side work of a ReLU-family site: ``(counts, check, n)``.
+
+    counts: float32 ``(units,)``, on how many of the ``n`` samples each unit fired (any output > 0: any position of a
+    conv channel, any step of a sequence). check: the float32 sum of the outputs, non-finite iff they hold NaN/Inf
+    (it doubles as the site's forward NaN check). Three reductions at most, no Python per unit: ReLU outputs are
+    >= 0, so a unit fired on a sample iff its summed outputs on that sample are > 0, and counting is ``sign().sum(0)``
+    (several times faster on CPU than ``count_nonzero`` or ``amax``, whose kernels are slow on such shapes).
+    """
+    x = out.detach()
+    if x.ndim <= 1:
+        x, dim = x.reshape(1, -1), 1
+    if dim != 1:
+        x = x.movedim(dim, 1)
+    if x.ndim > 2:
+        x = x.sum(dim=tuple(range(2, x.ndim)), dtype=torch.float32)  # (N, U) per-sample totals
+    check = x.sum(dtype=torch.float32)
+    return x.sign().sum(0, dtype=torch.float32), check, x.shape[0]
 
 
 class DeadUnits:
     """Which units of a ReLU-family site have not fired (output > 0) on any of the last ``window`` samples.
 
-    State is O(units): for each unit the sample count at which it last fired, and an exponential moving average of the
-    fraction of samples on which it fires (time constant ``window`` samples). A unit fires on a sample when any of its
-    outputs on that sample (any position of a conv channel, any step of a sequence) is positive. The window is counted
-    in samples seen on collected steps and rounded to whole batches.
+    State is O(units): for each unit the number of samples since the batch in which it last fired (capped at
+    ``window``), and an exponential moving average of the fraction of samples on which it fires (time constant
+    ``window`` samples). The window is counted in samples seen on collected steps and rounded to whole batches. A NaN
+    output counts as not firing (the step raises a ``nonfinite`` alert anyway).
+
+    ``since`` and ``rate`` are views into the flat vectors of a :class:`DeadUnitBank`, which updates every site at once.
     """
 
     def __init__(self, window: int):
         self.window = window
         self.seen = 0  # samples observed so far (host int: shapes are known without a sync)
-        self.last_fired: Tensor | None = None
+        self.since: Tensor | None = None  # float32 (units,): samples since the unit last fired, at most window
         self.rate: Tensor | None = None
 
-    def observe(self, out: Tensor, dim: int) -> None:
-        per_sample = fired_per_sample(out, dim)  # (N, U), >= 0 after a ReLU: non-zero means fired
-        n = per_sample.shape[0]
-        if n == 0:
-            return  # an empty batch (a mixture-of-experts branch that got no tokens) says nothing
-        fired = torch.count_nonzero(per_sample, dim=0)  # (U,) samples on which each unit fired
-        if self.last_fired is None or self.last_fired.shape != fired.shape:
-            self.last_fired = torch.zeros_like(fired)
-            self.rate = torch.zeros(fired.shape, device=fired.device, dtype=torch.float32)
-            self.seen = 0
-        alpha = 1.0 if self.seen == 0 else min(1.0, n / self.window)  # the first batch sets the rate
-        self.seen += n
-        self.last_fired.masked_fill_(fired > 0, self.seen)
-        self.rate.lerp_(fired.float() / n, alpha)
-
     def dead_mask(self) -> Tensor:
-        return (self.seen - self.last_fired) >= min(self.window, self.seen)
-
-    def device_stats(self) -> Tensor:
-        """``[dead count, mean firing rate]`` as a float32 device vector."""
-        return torch.stack([self.dead_mask().sum().float(), self.rate.mean()])
+        return self.since >= min(self.window, self.seen)
 
 
-class Saturation:
-    """Fraction of a sigmoid/tanh site's outputs within ``eps`` of a bound, and the mean output, over one step."""
+class DeadUnitBank:
+    """The dead-unit state of all ReLU sites in two flat float32 vectors, updated with a few ops per step.
 
-    def __init__(self, kind: str, eps: float):
-        self.low, self.high = BOUNDS[kind]
-        self.eps = eps
-        self.reset()
+    The forward pass only computes :func:`fired_counts` per site. :meth:`update` takes one batch per site, in a fixed
+    order (the *layout*); while the layout stays the same from step to step (the usual case) the update and
+    :meth:`stats` cost the same handful of ops whatever the number of sites. A new layout (a site seen for the first
+    time, a width change, a branch not taken) copies the states into new flat vectors once.
+    """
 
-    def reset(self) -> None:
-        self.saturated: Tensor | None = None
-        self.total: Tensor | None = None
-        self.count = 0
+    def __init__(self, window: int):
+        self.window = window
+        self.sites: dict[str, DeadUnits] = {}
+        self.layout: tuple = ()  # ((site, units), ...) of the flat vectors
+        self._since = self._rate = self._segment = None
 
-    def observe(self, out: Tensor) -> None:
-        y = out.detach().float()  # bf16 would round the bounds: compare in float32 (a no-op for float32 outputs)
-        mid, half = (self.high + self.low) / 2, (self.high - self.low) / 2
-        sat = torch.count_nonzero((y - mid).abs() >= half - self.eps)
-        total = y.sum(dtype=torch.float32)
-        self.saturated = sat if self.saturated is None else self.saturated + sat
-        self.total = total if self.total is None else self.total + total
-        self.count += y.numel()
+    def _relayout(self, layout: tuple, device) -> None:
+        since, rate = [], []
+        for site, units in layout:
+            t = self.sites.setdefault(site, DeadUnits(self.window))
+            if t.since is None or t.since.numel() != units:
+                t.since = torch.zeros(units, device=device)
+                t.rate = torch.zeros(units, device=device)
+                t.seen = 0
+            since.append(t.since.to(device))
+            rate.append(t.rate.to(device))
+        self._since, self._rate = torch.cat(since), torch.cat(rate)
+        sizes = [u for _, u in layout]
+        for (site, _), s, r in zip(layout, self._since.split(sizes), self._rate.split(sizes)):
+            self.sites[site].since, self.sites[site].rate = s, r
+        self._segment = torch.repeat_interleave(torch.arange(len(layout)), torch.tensor(sizes)).to(device)
+        self.layout = layout
 
-    def device_stats(self) -> Tensor:
-        """``[saturated fraction, mean output]``."""
-        return torch.stack([self.saturated.float() / self.count, self.total / self.count])
+    def update(self, parts: list[tuple[str, Tensor, int]]) -> None:
+        """Fold ``[(site, fired counts (units,), samples)]``, each site at most once, into the states."""
+        parts = [p for p in parts if p[2] > 0]  # an empty batch (an expert that got no tokens) says nothing
+        if not parts:
+            return
+        layout = tuple((site, counts.numel()) for site, counts, _ in parts)
+        device = parts[0][1].device
+        if layout != self.layout:
+            self._relayout(layout, device)
+        trackers = [self.sites[site] for site, _ in layout]
+        ns = [n for _, _, n in parts]
+        alphas = [1.0 if t.seen == 0 else min(1.0, n / self.window) for t, n in zip(trackers, ns)]  # 1: first batch
+        fired = torch.cat([c.to(device) for _, c, _ in parts]) if len(parts) > 1 else parts[0][1].clone()
+        fired.nan_to_num_(nan=0.0)
+        n, alpha = self._per_unit(ns), self._per_unit(alphas)
+        self._since.add_(n).mul_(fired == 0).clamp_max_(float(self.window))
+        self._rate.lerp_(fired.div_(n), alpha)
+        for t, k in zip(trackers, ns):
+            t.seen += k
+
+    def _per_unit(self, values: list[float]):
+        """One scalar when every site has the same value (the usual case), else a per-unit vector."""
+        if all(v == values[0] for v in values):
+            return float(values[0])
+        return torch.tensor(values, dtype=torch.float32)[self._segment.cpu()].to(self._since.device)
+
+    def stats(self, sites: list[str]) -> tuple[Tensor, Tensor]:
+        """``(dead units, summed firing rates)`` of ``sites`` as two float32 vectors."""
+        if tuple(sites) != tuple(site for site, _ in self.layout):
+            trackers = [self.sites[site] for site in sites]
+            return (torch.stack([t.dead_mask().sum().float() for t in trackers]),
+                    torch.stack([t.rate.sum() for t in trackers]))
+        threshold = self._per_unit([min(self.window, self.sites[site].seen) for site in sites])
+        both = torch.stack([(self._since >= threshold).float(), self._rate])
+        sums = both.new_zeros(2, len(sites)).index_add_(1, self._segment, both)
+        return sums[0], sums[1]
+
+
+def saturation_counts(out: Tensor, kind: str, eps: float) -> tuple[Tensor, Tensor, int]:
+    """Forward-side work of a sigmoid/tanh site: ``(saturated count, output sum, numel)``.
+
+    An output within ``eps`` of a bound is saturated. Compared in float32 (bf16 would round the bounds). The output
+    sum doubles as the site's forward NaN check and gives the mean output.
+    """
+    low, high = BOUNDS[kind]
+    y = out.detach()
+    if y.dtype != torch.float32:
+        y = y.float()
+    mid, half = (high + low) / 2, (high - low) / 2
+    saturated = ((y - mid).abs_() >= half - eps).sum()
+    return saturated, y.sum(), y.numel()
 
 
 class ThroughTime:

@@ -16,7 +16,9 @@ Why these hooks:
   or a detached copy that requires grad when the input needs none) and hooks it: dLoss/d(input at step t), the
   gradient through time, without changing any parameter gradient or the graph upstream.
 
-On steps that are not collected every hook returns after one attribute check.
+On steps that are not collected every hook returns after one attribute check. On collected steps a hook does the
+least device work it can (one or two reductions per output, one per output gradient) and appends the 0-d or (units,)
+results to a list; the scope folds them per site with a few batched ops when the step closes.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from .activations import BOUNDS, DeadUnits, FunctionalCalls, Saturation, ThroughTime, module_kind, unit_dim
+from .activations import (DeadUnitBank, DeadUnits, FunctionalCalls, ThroughTime, fired_counts, module_kind,
+                          saturation_counts, unit_dim)
 from .stats import sq_norm
 
 
@@ -40,6 +43,8 @@ def site_name(module_name: str, call: int) -> str:
 
 def _tensors(out) -> list[Tensor]:
     """Distinct tensors in a module output (tensor, tuple/list, dict, nested) that take part in autograd."""
+    if isinstance(out, Tensor):
+        return [out] if out.requires_grad else []
     return list({id(t): t for t in _all_tensors(out)}.values())  # (h, h) outputs: count h once
 
 
@@ -82,6 +87,7 @@ class _ForwardState(threading.local):
 # Gradscope's own tensor work inside a forward hook must not go through its (or anyone's) TorchFunctionMode: that
 # dispatch cost more than the work itself (measured: 7 ms of a 17 ms MLP step) and would show our ops to user modes.
 _no_function_mode = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
+_function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: True)
 
 
 def _in_backward() -> bool:
@@ -101,12 +107,14 @@ def _note_backward(collector_ref, param) -> None:
 class Collector:
     """Owns every hook it adds to a model and the per-step buffers the hooks fill.
 
-    Buffers (all device tensors, reset by :meth:`reset`):
-        signal_sq: call site -> summed squared norm of dLoss/d(output) over this step's backward passes. A site in
-            ``hooked`` but not here produced an output that no backward pass reached: its signal is exactly zero.
-        output_sum: call site -> sum of the forward output (non-finite iff the output had NaN/Inf, barring overflow).
-        saturation, through_time: per-step activation trackers of sigmoid/tanh and recurrent sites.
-    Kept across steps: ``dead`` (the rolling dead-unit state of each ReLU site) and ``order``.
+    Buffers (lists of ``(site, device tensors...)`` in the order the hooks ran, reset by :meth:`reset`):
+        signal_parts: ``(site, squared norm of dLoss/d(output))``, one per output per backward pass. A site in
+            ``hooked`` with no part produced an output that no backward pass reached: its signal is exactly zero.
+        output_parts: ``(site, sum of the forward output)``: non-finite iff the output had NaN/Inf (barring overflow).
+        dead_parts: ``(site, fired counts, samples)`` of ReLU sites; saturation_parts: ``(site, saturated count,
+            output sum, numel)`` of sigmoid/tanh sites.
+        through_time: per-step profiles of recurrent sites.
+    Kept across steps: ``dead`` (the rolling dead-unit state of each ReLU site, updated at step close) and ``order``.
     """
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], *, dead_window: int = 1000,
@@ -114,13 +122,16 @@ class Collector:
         self.active = False
         self.attached = True
         self.backward_seen = False
-        self.signal_sq: dict[str, Tensor] = {}
-        self.output_sum: dict[str, Tensor] = {}
+        self.signal_parts: list[tuple[str, Tensor]] = []
+        self.output_parts: list[tuple[str, Tensor]] = []
+        self.dead_parts: list[tuple[str, Tensor, int]] = []
+        self.saturation_parts: list[tuple[str, Tensor, Tensor, int]] = []
+        self.functional_forwards = 0  # forward passes watched for functional activations (see _watch_functional)
         self.hooked: set[str] = set()  # call sites whose outputs got a tensor hook this step
         self.order: dict[str, str] = {}  # call site -> module name, in forward order of first call
         self.functional_sites: dict[str, str] = {}  # functional call site -> activation kind
-        self.dead: dict[str, DeadUnits] = {}
-        self.saturation: dict[str, Saturation] = {}
+        self.dead_bank = DeadUnitBank(dead_window)
+        self.dead: dict[str, DeadUnits] = self.dead_bank.sites
         self.through_time: dict[str, ThroughTime] = {}
         self.observed: set[str] = set()  # activation sites seen this step
         self.dead_window, self.saturation_eps = dead_window, saturation_eps
@@ -130,6 +141,7 @@ class Collector:
         self.functional = functional
         self._handles: list = []
         self._tensor_handles: list = []
+        self._grad_hooks: dict = {}  # call site -> its tensor hook (made once)
         self._param_hook_dicts_were_none: list[nn.Parameter] = []
         self.profile_modules: set[str] = set()
         self.on_new_forward = None  # called with no argument when a root forward starts (the scope's AMP check)
@@ -190,9 +202,18 @@ class Collector:
             return
         st.calls.clear()
         st.stack = [self._root]
-        if self.functional and torch.is_grad_enabled():
+        if self.functional and torch.is_grad_enabled() and self._watch_functional():
             st.mode = FunctionalCalls(self._on_function)
             st.mode.__enter__()
+
+    FUNCTIONAL_PROBE_EVERY = 50
+    """Without functional activations seen so far, the mode is entered on the first 3 collected forward passes and
+    then on every 50th: its Python dispatch of every op costs ~2% of a resnet18 step on CPU, for models that have none."""
+
+    def _watch_functional(self) -> bool:
+        n = self.functional_forwards
+        self.functional_forwards += 1
+        return bool(self.functional_sites) or n < 3 or n % self.FUNCTIONAL_PROBE_EVERY == 0
 
     def _end_forward(self, module, args, output):
         st = self._fwd
@@ -209,8 +230,9 @@ class Collector:
         st.depth = 0
 
     def _enter_module(self, name: str, module, args):
-        if self._live():
-            self._fwd.stack.append(name)
+        st = self._fwd
+        if st.mode is not None and self._live():  # the stack only names functional calls
+            st.stack.append(name)
 
     def _next_site(self, base: str) -> str:
         calls = self._fwd.calls
@@ -219,33 +241,44 @@ class Collector:
         return site_name(base, call)
 
     def _on_forward(self, name: str, module, args, output):
-        if not self._live():
+        # the hot path of every module call on a collected step: _live() and _next_site() inlined
+        if not (self.active and self.attached) or _graph_task_id() != -1:
             return
-        stack = self._fwd.stack
-        if stack and stack[-1] == name:
-            stack.pop()
-        site = self._next_site(name)
+        st = self._fwd
+        if st.stack and st.stack[-1] == name:
+            st.stack.pop()
+        call = st.calls.get(name, 0) + 1
+        st.calls[name] = call
+        site = name if call == 1 else site_name(name, call)
         if not torch.is_grad_enabled():
             return
-        with _no_function_mode():
+        if st.mode is None and not _function_mode_on():
             self._record_output(name, site, args, output)
+        else:
+            with _no_function_mode():
+                self._record_output(name, site, args, output)
 
     def _record_output(self, name: str, site: str, args, output) -> None:
         kind = self.module_kinds.get(name)
+        check = None
         if kind in ("relu", "sigmoid", "tanh") and isinstance(output, Tensor):
-            self._observe(site, kind, output)
+            check = self._observe(site, kind, output)
         tensors = _tensors(output)
         if not tensors:
             return
         self.order.setdefault(site, name)
-        with torch.no_grad():
-            s = sum(t.detach().sum(dtype=torch.float32) for t in tensors if t.is_floating_point())
-        if isinstance(s, Tensor):
-            prev = self.output_sum.get(site)
-            self.output_sum[site] = s if prev is None else prev + s
+        if check is None:
+            floats = [t.detach().sum(dtype=torch.float32) for t in tensors if t.is_floating_point()]
+            check = floats[0] if len(floats) == 1 else torch.stack(floats).sum() if floats else None
+        if check is not None:
+            self.output_parts.append((site, check))
         self.hooked.add(site)
+        hook = self._grad_hooks.get(site)
+        if hook is None:
+            hook = self._grad_hooks[site] = partial(self._on_grad, site)
         for t in tensors:
-            self._tensor_handles.append(_hook_target(t, args).register_hook(partial(self._on_grad, site)))
+            target = t if t._base is None else _hook_target(t, args)
+            self._tensor_handles.append(target.register_hook(hook))
 
     def _on_function(self, kind: str, out: Tensor) -> None:
         # outputs that need no grad (masks, metrics) take no part in learning; depth 0: a mode left by an interrupt
@@ -257,20 +290,20 @@ class Collector:
         site = self._next_site(f"{owner}:{kind}")
         self.order.setdefault(site, owner)
         self.functional_sites[site] = kind
-        self._observe(site, kind, out)
+        with _no_function_mode():
+            check = self._observe(site, kind, out)
+        self.output_parts.append((site, check))
 
-    def _observe(self, site: str, kind: str, out: Tensor) -> None:
+    def _observe(self, site: str, kind: str, out: Tensor) -> Tensor:
+        """Record a ReLU/sigmoid/tanh output; return the sum of the outputs (the site's forward NaN/Inf check)."""
         self.observed.add(site)
         if kind == "relu":
-            tracker = self.dead.get(site)
-            if tracker is None:
-                tracker = self.dead[site] = DeadUnits(self.dead_window)
-            tracker.observe(out, self.unit_dims.get(site, unit_dim(out.ndim)))
-        elif kind in BOUNDS:
-            tracker = self.saturation.get(site)
-            if tracker is None:
-                tracker = self.saturation[site] = Saturation(kind, self.saturation_eps)
-            tracker.observe(out)
+            counts, check, n = fired_counts(out, self.unit_dims.get(site, unit_dim(out.ndim)))
+            self.dead_parts.append((site, counts, n))
+            return check
+        saturated, check, numel = saturation_counts(out, kind, self.saturation_eps)
+        self.saturation_parts.append((site, saturated, check, numel))
+        return check
 
     def _recurrent_input(self, name: str, module, args, kwargs):
         if not self._live() or not torch.is_grad_enabled():
@@ -301,18 +334,17 @@ class Collector:
     def _on_grad(self, site: str, grad: Tensor):
         if not self.attached or grad is None:
             return
-        sq = sq_norm(grad)
-        prev = self.signal_sq.get(site)
-        self.signal_sq[site] = sq if prev is None else prev + sq
+        self.signal_parts.append((site, sq_norm(grad)))
 
     # -- lifetime ----------------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Start a new step: drop buffers and the tensor hooks of tensors from the finished step."""
-        self.signal_sq = {}
-        self.output_sum = {}
+        self.signal_parts = []
+        self.output_parts = []
+        self.dead_parts = []
+        self.saturation_parts = []
         self.hooked = set()
         self.observed = set()
-        self.saturation = {}
         self.through_time = {}
         self._leave_forward()  # steps close outside forward passes: a mode still entered was left by an interrupt
         self._fwd.calls.clear()

@@ -8,9 +8,10 @@ from .detectors import output_side_reference, signal_profile
 
 NAME_WIDTH = 30
 ACTIVATION_STATS = {"dead_fraction", "saturation", "through_time"}
-# (statistic, column title, (format, scale)): shown only when some row has the statistic
-OPTIONAL_COLUMNS = [("dead_fraction", "dead%", (".1f", 100)), ("saturation", "sat%", (".1f", 100)),
-                    ("update_ratio", "upd/w", (".1e", 1))]
+# (statistic, column title, (format, scale, width)): shown only when some row has the statistic
+OPTIONAL_COLUMNS = [("grad_max", "grad_max", (".2e", 1, 9)), ("grad_zero_frac", "zero%", (".1f", 100, 6)),
+                    ("dead_fraction", "dead%", (".1f", 100, 7)), ("saturation", "sat%", (".1f", 100, 7)),
+                    ("update_ratio", "upd/w", (".1e", 1, 7))]
 
 
 def _scaled(v, fmt):
@@ -51,21 +52,20 @@ def format_summary(run, max_names: int = 8) -> str:
             ACTIVATION_STATS & rec.layers[e["name"]].keys()]
     extra = [(key, title, fmt) for key, title, fmt in OPTIONAL_COLUMNS
              if any(key in rec.layers.get(e["name"], {}) for e in rows)]
-    cols = f"{'layer':<{NAME_WIDTH}} {'module':<14} {'params':>9} {'grad_norm':>9} {'grad_rms':>9} {'grad_max':>9} " \
-           f"{'zero%':>6} {'signal':>9} {'sig/out':>8}" + "".join(f" {title:>7}" for _, title, _ in extra)
+    cols = f"{'layer':<{NAME_WIDTH}} {'module':<14} {'params':>9} {'grad_norm':>9} {'grad_rms':>9} " \
+           f"{'signal':>9} {'sig/out':>8}" + "".join(f" {title:>{fmt[2]}}" for _, title, fmt in extra)
     lines += [cols, "-" * len(cols)]
     flagged = {a.layer for a in run.alerts}
     for e in rows:
         st = rec.layers.get(e["name"], {})
         sig = st.get("backprop_signal")
         ratio = sig / ref if (e.get("params") and sig is not None and ref and math.isfinite(ref)) else None
-        zero = st.get("grad_zero_frac")
         mark = " !" if e["name"] in flagged else ""
-        optional = "".join(f" {_num(_scaled(st.get(key), fmt), fmt[0]):>7}" for key, _, fmt in extra)
+        optional = "".join(f" {_num(_scaled(st.get(key), fmt), fmt[0]):>{fmt[2]}}"
+                           for key, _, fmt in extra)
         lines.append(
             f"{short_name(e['name']):<{NAME_WIDTH}} {e.get('module', '')[:14]:<14} {e.get('params', 0):>9,} "
-            f"{_num(st.get('grad_norm')):>9} {_num(st.get('grad_rms')):>9} {_num(st.get('grad_max')):>9} "
-            f"{_num(None if zero is None else 100 * zero, '.1f'):>6} {_num(sig):>9} {_num(ratio, '.1e'):>8}"
+            f"{_num(st.get('grad_norm')):>9} {_num(st.get('grad_rms')):>9} {_num(sig):>9} {_num(ratio, '.1e'):>8}"
             f"{optional}{mark}")
     for e in layers:
         st = rec.layers.get(e["name"], {})

@@ -16,11 +16,31 @@ from .collect import Collector
 from .detectors import Nonfinite, default_detectors
 from .record import FORMAT, FORMAT_VERSION, History, Run, StepRecord
 from .activations import through_time_summary
-from .stats import Transfer, grad_stats, nonfinite_counts, norms
+from .stats import Transfer, max_abs, nonfinite_counts, nonzero_counts, norms, sum_by_key
 
 # Models currently watched, so a second watch() on the same model fails loudly instead of doubling every hook. Values
 # are weak too: a scope holds its model, so a strong value would keep a never-detached model alive forever.
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+EXTRA_STATS = {
+    "grad_max": "max |g| per parameter and layer (one aminmax pass over every gradient: ~1% of a resnet18 CPU step)",
+    "grad_zero_frac": "fraction of exactly-zero gradient entries (one compare-and-sum pass: ~3-6% of a resnet18 CPU "
+                      "step)",
+    "weight_norm": "L2 norm of every parameter (one pass over the weights: ~1% of a resnet18 CPU step)",
+}
+"""Statistics beyond the defaults, chosen with ``watch(..., extra_stats=...)``. No detector needs them: they are
+descriptive, and each is a full pass over every gradient or weight on each collected step, so they are opt-in."""
+
+
+def _extra_stats(extra_stats) -> frozenset:
+    if extra_stats == "all":
+        return frozenset(EXTRA_STATS)
+    names = frozenset({extra_stats} if isinstance(extra_stats, str) else extra_stats)
+    if names - EXTRA_STATS.keys():
+        raise ValueError(f"unknown extra_stats {sorted(names - EXTRA_STATS.keys())}; choose from "
+                         f"{sorted(EXTRA_STATS)} or 'all', e.g. extra_stats=('grad_max',)")
+    return names
 
 
 def watched_by(model: nn.Module) -> "Scope | None":
@@ -33,7 +53,7 @@ def watched_by(model: nn.Module) -> "Scope | None":
 def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer | None = None, scaler=None,
           detectors: list | None = None, raise_on=(), history: int = 2000, dead_window: int = 1000,
           saturation_eps: float = 0.02, unit_dims: dict | None = None, functional: bool = True,
-          update_ratio: bool = False) -> "Scope":
+          update_ratio: bool = False, extra_stats=()) -> "Scope":
     """Attach gradscope to ``model`` and return the :class:`Scope` that monitors it.
 
     Two ways to close a step:
@@ -61,9 +81,15 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
         unit_dims: ``{call site: dim}`` overriding which dimension holds the units of an activation (see
             :func:`gradscope.activations.unit_dim`), e.g. ``{"features.2": 1}`` for a Conv1d's ``(N, C, L)``.
         functional: watch functional activations (``F.relu`` in a ``forward``) through a ``TorchFunctionMode`` during
-            the forward pass of collected steps.
+            the forward pass of collected steps. While none has been seen, the mode is entered on the first three
+            collected forward passes and on every 50th after that (see ``Collector.FUNCTIONAL_PROBE_EVERY``); once one
+            is seen, on every collected forward pass.
         update_ratio: record ||dw|| / ||w|| per layer and parameter: the size of the last optimizer update relative
-            to the weights. Keeps one copy of the trainable parameters.
+            to the weights. Keeps one copy of the trainable parameters. Records ``weight_norm`` too.
+        extra_stats: descriptive statistics beyond the defaults, a subset of :data:`EXTRA_STATS` (``"grad_max"``,
+            ``"grad_zero_frac"``, ``"weight_norm"``) or ``"all"``. Each costs a full pass over every gradient or
+            weight per collected step; the defaults (gradient norms, backprop signal, activation statistics) are what
+            the detectors use.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` (or ``optimizer``/``scaler`` are of the wrong type).
@@ -71,7 +97,7 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
     """
     return Scope(model, every=every, optimizer=optimizer, scaler=scaler, detectors=detectors, raise_on=raise_on,
                  history=history, dead_window=dead_window, saturation_eps=saturation_eps, unit_dims=unit_dims,
-                 functional=functional, update_ratio=update_ratio)
+                 functional=functional, update_ratio=update_ratio, extra_stats=extra_stats)
 
 
 def _scale_tensor(scaler):
@@ -127,7 +153,8 @@ class Scope(Run):
     is no longer settling."""
 
     def __init__(self, model, every=1, *, optimizer=None, scaler=None, detectors=None, raise_on=(), history=2000,
-                 dead_window=1000, saturation_eps=0.02, unit_dims=None, functional=True, update_ratio=False):
+                 dead_window=1000, saturation_eps=0.02, unit_dims=None, functional=True, update_ratio=False,
+                 extra_stats=()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradscope.watch() expects a torch.nn.Module, got {type(model).__name__}; "
                             "pass the model itself, e.g. gradscope.watch(model)")
@@ -146,6 +173,7 @@ class Scope(Run):
             raise ValueError(f"raise_on names unknown alert kinds {sorted(raise_on - kinds)}; "
                              f"the detectors in use raise {sorted(kinds)}")
         hist = History(history)
+        extra = _extra_stats(extra_stats)
         if isinstance(dead_window, bool) or not isinstance(dead_window, int) or dead_window < 1:
             raise ValueError(f"dead_window must be a positive int (samples), got {dead_window!r}; e.g. dead_window=1000")
         if not isinstance(saturation_eps, (int, float)) or not 0 < saturation_eps < 1:
@@ -195,6 +223,7 @@ class Scope(Run):
         self._scale_at_start = None
         self._opt_handle = None
         self._update_ratio = bool(update_ratio)
+        self._extra = extra | {"weight_norm"} if update_ratio else extra
         self._snapshot: list | None = None  # the parameters one step before a collected step (update_ratio)
         self._snapshot_step = -2
         self._collector = Collector(model, [p for _, _, p in params], dead_window=dead_window,
@@ -401,36 +430,66 @@ class Scope(Run):
         grads = [g for _, g in have]
         weights = [self._params[i][2] for i, _ in have]
         scale_t = _scale_tensor(scaler) if scale_t is None else scale_t
-        dead = [site for site in c.observed if site in c.dead]
         use_snapshot = self._snapshot is not None and self._snapshot_step == step - 1
+        extra = self._extra
+
+        # fold this step's ReLU counts into the dead-unit states: a site observed k times is updated in k rounds
+        rounds: list[list] = []
+        depth: dict = {}
+        for part in c.dead_parts:
+            k = depth[part[0]] = depth.get(part[0], -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(part)
+        for parts in rounds:
+            c.dead_bank.update(parts)
+        dead = [site for site in depth if site in c.dead]  # this step's ReLU sites, in forward order
 
         tr = Transfer()
         if grads:
-            tr.add("grad", grad_stats(grads))
-            tr.add("weight", norms(weights))
+            tr.add("grad", norms(grads))
+            if "grad_max" in extra:
+                tr.add("max", max_abs(grads))
+            if "grad_zero_frac" in extra:
+                tr.add("nonzero", nonzero_counts(grads))
+            if "weight_norm" in extra:
+                tr.add("weight", norms(weights))
             if use_snapshot:
                 tr.add("update", norms(torch._foreach_sub([w.detach() for w in weights],
                                                           [self._snapshot[i] for i, _ in have])))
-        if c.signal_sq:
-            tr.add("signal", torch.stack(list(c.signal_sq.values())))
-        if c.output_sum:
-            tr.add("out", torch.stack(list(c.output_sum.values())))
+        signal_sites = out_sites = sat_sites = ()
+        if c.signal_parts:
+            signal_sites, t = sum_by_key(c.signal_parts)
+            tr.add("signal", t)
+        if c.output_parts:
+            out_sites, t = sum_by_key(c.output_parts)
+            tr.add("out", t)
         if scale_t is not None:
             tr.add("scale", scale_t)
-        for site in dead:
-            tr.add(("dead", site), c.dead[site].device_stats())
-        for site, tracker in c.saturation.items():
-            tr.add(("sat", site), tracker.device_stats())
+        if dead:
+            count, rate = c.dead_bank.stats(dead)
+            tr.add("dead", count)
+            tr.add("rate", rate)
+        if c.saturation_parts:
+            sat_sites, t = sum_by_key(c.saturation_parts, 1)
+            tr.add("saturated", t)
+            tr.add("sat_total", sum_by_key(c.saturation_parts, 2)[1])
         for site, tracker in c.through_time.items():
             tr.add(("time", site), tracker.profile)
         got = tr.fetch()  # the one transfer of this step
 
         n = len(grads)
-        g_norm, g_max, g_nonzero = (got.get("grad", [])[k * n:(k + 1) * n] for k in range(3))
-        w_norm, upd = got.get("weight", []), got.get("update")
-        sig = dict(zip(c.signal_sq, got.get("signal", [])))
+        g_norm, g_max, g_nonzero = got.get("grad", []), got.get("max"), got.get("nonzero")
+        w_norm, upd = got.get("weight"), got.get("update")
+        sig = dict(zip(signal_sites, got.get("signal", [])))
         sig.update({site: 0.0 for site in c.hooked if site not in sig})  # outputs no backward pass reached
-        out_sum = dict(zip(c.output_sum, got.get("out", [])))
+        out_sum = dict(zip(out_sites, got.get("out", [])))
+        dead_stats = {site: (count, rate) for site, count, rate in zip(dead, got.get("dead", []), got.get("rate", []))}
+        sat_numel: dict = {}
+        for site, _, _, numel in c.saturation_parts:
+            sat_numel[site] = sat_numel.get(site, 0) + numel
+        sat_stats = {site: (k / sat_numel[site], total / sat_numel[site])
+                     for site, k, total in zip(sat_sites, got.get("saturated", []), got.get("sat_total", []))}
         scale = got["scale"][0] if scale_t is not None else 1.0
         grad_scale = 1.0 if scale_t is None or _grads_already_unscaled(scaler) else scale
 
@@ -438,48 +497,58 @@ class Scope(Run):
         nonfinite = dict(zip(bad, nonfinite_counts([grads[k] for k in bad]))) if bad else {}
 
         params = {}
-        agg = defaultdict(lambda: {"sq": [], "numel": 0, "max": [], "zeros": 0.0, "nf": 0, "wsq": 0.0, "usq": 0.0})
+        agg = defaultdict(lambda: {"sq": 0.0, "numel": 0, "max": [], "zeros": 0.0, "nf": 0, "wsq": 0.0, "usq": 0.0})
         for k, (i, g) in enumerate(have):
             pname, lname, p = self._params[i]
             numel = p.numel()
-            gn, gm, zeros = g_norm[k] / grad_scale, g_max[k] / grad_scale, numel - g_nonzero[k]
-            params[pname] = {"grad_norm": gn, "grad_rms": gn / math.sqrt(numel), "grad_max": gm,
-                             "grad_zero_frac": zeros / numel, "grad_nonfinite": nonfinite.get(k, 0),
-                             "weight_norm": w_norm[k]}
-            if upd is not None:
-                params[pname]["update_ratio"] = upd[k] / w_norm[k] if w_norm[k] > 0 else math.nan
+            gn = g_norm[k] / grad_scale
+            st = params[pname] = {"grad_norm": gn, "grad_rms": gn / math.sqrt(numel),
+                                  "grad_nonfinite": nonfinite.get(k, 0)}
             a = agg[lname]
-            a["sq"].append(gn * gn)
+            a["sq"] += gn * gn
             a["numel"] += numel
-            a["max"].append(gm)
-            a["zeros"] += zeros
             a["nf"] += nonfinite.get(k, 0)
-            a["wsq"] += w_norm[k] ** 2
-            a["usq"] += upd[k] ** 2 if upd is not None else 0.0
+            if g_max is not None:
+                st["grad_max"] = g_max[k] / grad_scale
+                a["max"].append(st["grad_max"])
+            if g_nonzero is not None:
+                st["grad_zero_frac"] = (numel - g_nonzero[k]) / numel
+                a["zeros"] += numel - g_nonzero[k]
+            if w_norm is not None:
+                st["weight_norm"] = w_norm[k]
+                a["wsq"] += w_norm[k] ** 2
+            if upd is not None:
+                st["update_ratio"] = upd[k] / w_norm[k] if w_norm[k] > 0 else math.nan
+                a["usq"] += upd[k] ** 2
 
         layers = {}
         for e in self.meta["layers"]:
             name, st = e["name"], {}
             if name in agg:
                 a = agg[name]
-                gn, wn = math.sqrt(sum(a["sq"])), math.sqrt(a["wsq"])
-                st.update(grad_norm=gn, grad_rms=gn / math.sqrt(a["numel"]), grad_max=_nanmax(a["max"]),
-                          grad_zero_frac=a["zeros"] / a["numel"], grad_nonfinite=a["nf"], weight_norm=wn)
-                if upd is not None:
-                    st["update_ratio"] = math.sqrt(a["usq"]) / wn if wn > 0 else math.nan
+                gn = math.sqrt(a["sq"])
+                st.update(grad_norm=gn, grad_rms=gn / math.sqrt(a["numel"]), grad_nonfinite=a["nf"])
+                if g_max is not None:
+                    st["grad_max"] = _nanmax(a["max"])
+                if g_nonzero is not None:
+                    st["grad_zero_frac"] = a["zeros"] / a["numel"]
+                if w_norm is not None:
+                    st["weight_norm"] = wn = math.sqrt(a["wsq"])
+                    if upd is not None:
+                        st["update_ratio"] = math.sqrt(a["usq"]) / wn if wn > 0 else math.nan
             if name in sig:
                 st["backprop_signal"] = math.sqrt(sig[name]) / scale
             if name in out_sum:
                 st["output_nonfinite"] = 0.0 if math.isfinite(out_sum[name]) else 1.0
                 st["output_nan"] = 1.0 if math.isnan(out_sum[name]) else 0.0
-            if ("dead", name) in got:
-                count, rate = got[("dead", name)]
+            if name in dead_stats and c.dead[name].since.numel():
+                count, rate = dead_stats[name]
                 tracker = c.dead[name]
-                units = tracker.last_fired.numel()
-                st.update(dead_fraction=count / units, dead_units=count, units=units, fire_rate=rate,
+                units = tracker.since.numel()
+                st.update(dead_fraction=count / units, dead_units=count, units=units, fire_rate=rate / units,
                           dead_window_filled=float(tracker.seen >= tracker.window))
-            if ("sat", name) in got:
-                st["saturation"], st["mean_output"] = got[("sat", name)]
+            if name in sat_stats:
+                st["saturation"], st["mean_output"] = sat_stats[name]
             if ("time", name) in got:
                 profile = [v / scale for v in got[("time", name)]]
                 st["through_time_ratio"], st["through_time_reach"] = through_time_summary(profile)

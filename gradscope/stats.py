@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 
-
 def _dense(t: Tensor) -> Tensor:
     # Sparse gradients (nn.Embedding(sparse=True)) hold their entries in values(); norms, max and zeros of the dense
     # tensor follow from those (implicit entries are zeros, counted via numel by the caller).
@@ -18,19 +17,49 @@ def _dense(t: Tensor) -> Tensor:
     return t
 
 
-def norms(tensors: list[Tensor], ord: float = 2.0) -> Tensor:
-    """L2 (or ``ord``) norms of many tensors as one float32 vector, with one batched kernel per device and dtype."""
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack``; a model split over devices gets its values gathered on the first tensor's device."""
+    try:
+        return torch.stack(tensors)
+    except RuntimeError:
+        if len({t.device for t in tensors}) == 1:
+            raise
+        return torch.stack([t.to(tensors[0].device) for t in tensors])
+
+
+def sq_norm(t: Tensor) -> Tensor:
+    """Squared L2 norm as a float32 0-d tensor (sums of these add up over batches and backward calls).
+
+    A contiguous float32 tensor goes through ``torch.dot`` (one BLAS pass, about twice as fast on CPU as
+    ``vector_norm``); anything else through ``vector_norm`` with float32 accumulation.
+    """
+    t = t.detach()
+    if t.dtype is torch.float32 and t.is_contiguous() and not t.is_sparse:
+        f = t.view(-1)
+        return torch.dot(f, f)
+    return torch.linalg.vector_norm(_dense(t), dtype=torch.float32).square()
+
+
+def norms(tensors: list[Tensor]) -> Tensor:
+    """L2 norms of many tensors as one float32 vector.
+
+    CUDA: one fused ``_foreach_norm``. CPU: :func:`sq_norm` per tensor, ~30% faster than ``_foreach_norm`` there
+    (which loops over ``vector_norm``), and the same value up to float32 rounding.
+    """
     if not tensors:
         return torch.zeros(0)
+    if tensors[0].device.type == "cpu":
+        return _stack([sq_norm(t) for t in tensors]).sqrt()
     dense = [_dense(t.detach()) for t in tensors]
-    device = dense[0].device  # a model split over devices gets its norms gathered on the first one
-    return torch.stack([n.to(device) for n in torch._foreach_norm(dense, ord, dtype=torch.float32)])
+    return _stack(torch._foreach_norm(dense, 2, dtype=torch.float32))
 
 
 def nonzero_counts(tensors: list[Tensor]) -> Tensor:
-    """Number of non-zero stored entries of each tensor, as float32 (zeros = numel - this, sparse ones included)."""
-    device = tensors[0].device
-    return torch.stack([torch.count_nonzero(_dense(t.detach())).to(device) for t in tensors]).float()
+    """Number of non-zero stored entries of each tensor, as float32 (zeros = numel - this, sparse ones included).
+
+    ``(t != 0).sum()``: ``count_nonzero`` is 3x slower on CPU on gradients that hold many zeros (its kernel branches).
+    """
+    return _stack([(_dense(t.detach()) != 0).sum() for t in tensors]).float()
 
 
 def max_abs(tensors: list[Tensor]) -> Tensor:
@@ -38,21 +67,15 @@ def max_abs(tensors: list[Tensor]) -> Tensor:
 
     One ``aminmax`` pass per tensor: measured 14x faster on CPU than ``_foreach_norm(tensors, inf)``.
     """
-    device = tensors[0].device
     lo, hi = [], []
     for t in tensors:
         d = _dense(t.detach())
         if d.numel() == 0:
             d = d.new_zeros(1)
         mn, mx = torch.aminmax(d)
-        lo.append(mn.to(device))
-        hi.append(mx.to(device))
-    return torch.maximum(torch.stack(hi).float(), -torch.stack(lo).float())
-
-
-def grad_stats(grads: list[Tensor]) -> Tensor:
-    """Rows ``[L2 norm, max |g|, non-zero count]`` per gradient: a float32 tensor of shape ``(3, len(grads))``."""
-    return torch.stack([norms(grads), max_abs(grads), nonzero_counts(grads)])
+        lo.append(mn)
+        hi.append(mx)
+    return torch.maximum(_stack(hi).float(), -_stack(lo).float())
 
 
 def nonfinite_counts(tensors: list[Tensor]) -> list[int]:
@@ -60,9 +83,17 @@ def nonfinite_counts(tensors: list[Tensor]) -> list[int]:
     return [int((~torch.isfinite(_dense(t.detach()))).sum()) for t in tensors]
 
 
-def sq_norm(t: Tensor) -> Tensor:
-    """Squared L2 norm as a float32 0-d tensor (sums of these add up over batches and backward calls)."""
-    return torch.linalg.vector_norm(t.detach(), dtype=torch.float32).square()
+def sum_by_key(parts: list[tuple], column: int = 1) -> tuple[list, Tensor]:
+    """``(keys in first-seen order, stacked per-key sums of column ``column``)`` of ``[(key, 0-d tensor, ...)]``.
+
+    A key seen once (the usual case) costs nothing beyond one ``stack``; repeated keys (gradient accumulation, a
+    module returning several tensors) are summed.
+    """
+    groups: dict = {}
+    for part in parts:
+        groups.setdefault(part[0], []).append(part[column])
+    values = [v[0] if len(v) == 1 else torch.stack(v).sum(0) for v in groups.values()]
+    return list(groups), _stack(values)
 
 
 class Transfer:

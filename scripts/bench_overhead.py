@@ -3,9 +3,9 @@
     python scripts/bench_overhead.py [--models resnet18 resnet20 mlp20 lstm] [--steps 20] [--rounds 3] [--device cpu]
 
 The mean ratio is the amortised cost (with every=10 one step in ten does the collecting); the median is the typical
-step. Monitors run interleaved (plain, gradscope every=1, gradscope every=10, a per-parameter .item() loop, TensorBoard
-add_histogram per parameter, wandb.watch offline), each for --steps timed steps per round after a warm-up, on the same
-model and batches. Peers that are not installed are skipped with a note; they are never dependencies of gradscope.
+step. Monitors run interleaved (plain, gradscope every=1, every=10, every=1 with all optional extra_stats (max |g|,
+zero fraction, weight norms), a per-parameter .item() loop, TensorBoard add_histogram per parameter, wandb.watch
+offline), each for --steps timed steps per round after a warm-up, on the same model and batches. Peers that are not installed are skipped with a note; they are never dependencies of gradscope.
 Memory: the process RSS after each monitor's block on CPU (max_memory_allocated on CUDA).
 """
 
@@ -54,11 +54,12 @@ class Monitor:
 
 
 class Gradscope(Monitor):
-    def __init__(self, every):
-        self.every, self.name = every, f"gradscope every={every}"
+    def __init__(self, every, extra_stats=()):
+        self.every, self.extra_stats = every, extra_stats
+        self.name = f"gradscope every={every}" + (f", extra_stats={extra_stats!r}" if extra_stats else "")
 
     def attach(self, model, opt):
-        self.scope = gradscope.watch(model, every=self.every)
+        self.scope = gradscope.watch(model, every=self.every, extra_stats=self.extra_stats)
 
     def after_backward(self, model, step):
         self.scope.step()
@@ -116,7 +117,7 @@ class WandbWatch(Monitor):
 
 
 def available_monitors():
-    monitors, notes = [Monitor(), Gradscope(1), Gradscope(10), ItemLoop()], []
+    monitors, notes = [Monitor(), Gradscope(1), Gradscope(10), Gradscope(1, "all"), ItemLoop()], []
     for cls, module in ((TensorBoardHistograms, "tensorboard"), (WandbWatch, "wandb")):
         try:
             __import__(module)

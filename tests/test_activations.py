@@ -320,7 +320,7 @@ def test_activation_state_is_O_units_and_profiles_round_trip(tmp_path):
         relu(torch.randn(500, 4)).sum().backward()
         scope.step()
     tracker = scope._collector.dead["1"]
-    assert tracker.last_fired.shape == (7,) and tracker.rate.shape == (7,)  # no batch kept
+    assert tracker.since.shape == (7,) and tracker.rate.shape == (7,)  # no batch kept
     scope.detach()
 
 
@@ -486,4 +486,76 @@ def test_a_deep_copy_of_a_watched_model_is_not_watched():
     model(torch.randn(2, 5, 6)).sum().backward()
     scope.step()
     assert "through_time" in scope.latest()["rnn"]
+    scope.detach()
+
+
+class MixedSites(nn.Module):
+    """ReLU sites with (N, C, H, W), (N, T, F) and (N, F) outputs, and a sigmoid and a tanh site."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu1 = nn.Conv2d(3, 6, 3, padding=1), nn.ReLU()
+        self.seq, self.relu2 = nn.Linear(6, 5), nn.ReLU(inplace=True)
+        self.fc, self.relu3 = nn.Linear(5, 7), nn.ReLU()
+        self.head, self.sig, self.out, self.tanh = nn.Linear(7, 4), nn.Sigmoid(), nn.Linear(4, 3), nn.Tanh()
+        with torch.no_grad():
+            self.conv.bias[2] = -100.0  # a dead channel
+            self.seq.bias[1] = -100.0  # a dead feature of the sequence layer
+            self.head.weight.mul_(6)  # some sigmoid saturation
+
+    def forward(self, x):
+        h = self.relu1(self.conv(x))  # (N, 6, 4, 4): units = channels
+        t = self.relu2(self.seq(h.flatten(2).transpose(1, 2)))  # (N, 16, 5): units = last dim
+        v = self.relu3(self.fc(t.mean(1)))  # (N, 7)
+        return self.tanh(self.out(self.sig(self.head(v))))
+
+
+def test_batched_activation_statistics_equal_a_plain_computation():
+    """The fast path (per-site counts in the forward, one flat update per step) against the definitions, computed
+    here from the raw outputs: dead = fired on none of the batches that make up the last `window` samples."""
+    window, eps = 30, 0.02
+    model = MixedSites()
+    sites = {"relu1": 1, "relu2": 2, "relu3": 1}
+    raw = {name: [] for name in [*sites, "sig", "tanh"]}  # per site: the outputs of every forward, in order
+    for name in raw:
+        getattr(model, name).register_forward_hook(lambda m, a, o, name=name: raw[name].append(o.detach().clone()))
+    scope = gradscope.watch(model, dead_window=window, saturation_eps=eps)
+    rates = {s: None for s in sites}
+    history = {s: [] for s in sites}  # per forward: (fired per unit as bool, samples)
+    for step, batches in enumerate([[8], [12], [5, 7], [9], [16], [3, 3, 3], [10]]):  # lists: gradient accumulation
+        for v in raw.values():
+            v.clear()
+        for n in batches:
+            F.cross_entropy(model(torch.randn(n, 3, 4, 4)), torch.randint(0, 3, (n,))).backward()
+        scope.step()
+        model.zero_grad()
+        latest = scope.latest()
+        for s, dim in sites.items():
+            for out in raw[s]:
+                fired = (out > 0).movedim(dim, 1).reshape(out.shape[0], out.shape[dim], -1).any(2)  # (N, units)
+                n = fired.shape[0]
+                history[s].append((fired.any(0), n))
+                frac = fired.float().mean(0)
+                alpha = 1.0 if rates[s] is None else min(1.0, n / window)
+                rates[s] = frac if rates[s] is None else rates[s] + alpha * (frac - rates[s])
+            seen = sum(n for _, n in history[s])
+            recent, total = [], 0
+            for f, n in reversed(history[s]):  # the smallest suffix of batches holding `window` samples
+                if total >= window:
+                    break
+                recent.append(f)
+                total += n
+            dead = ~torch.stack(recent).any(0) if seen >= window else ~torch.stack([f for f, _ in history[s]]).any(0)
+            st = latest[s]
+            assert st["dead_units"] == int(dead.sum()) and st["units"] == dead.numel(), (step, s)
+            assert st["dead_window_filled"] == float(seen >= window)
+            assert rel_close(st["fire_rate"], float(rates[s].mean()), 1e-5), (step, s)
+            assert scope.dead_units()[s].tolist() == torch.nonzero(dead).flatten().tolist()
+            assert torch.allclose(scope.firing_rates()[s], rates[s], atol=1e-6)
+        for s, (lo, hi) in (("sig", (0.0, 1.0)), ("tanh", (-1.0, 1.0))):
+            ys = torch.cat([o.flatten() for o in raw[s]])
+            expected = ((ys <= lo + eps) | (ys >= hi - eps)).float().mean()
+            assert latest[s]["saturation"] == pytest.approx(float(expected), abs=1e-6)
+            assert latest[s]["mean_output"] == pytest.approx(float(ys.mean()), abs=1e-6)
+    assert scope.dead_units()["relu1"].tolist() == [2] and 1 in scope.dead_units()["relu2"].tolist()
     scope.detach()

@@ -24,6 +24,8 @@ def model():
     ({"scaler": object()}, TypeError, "GradScaler"),
     ({"detectors": [object()]}, TypeError, "not a detector"),
     ({"history": 1}, ValueError, "history size"),
+    ({"extra_stats": "grad_min"}, ValueError, r"unknown extra_stats \['grad_min'\]; choose from"),
+    ({"extra_stats": ("grad_max", "weights")}, ValueError, r"unknown extra_stats \['weights'\]"),
 ])
 def test_bad_arguments(model, kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -42,7 +42,10 @@ def reference(model, x, y, loss_fn=F.cross_entropy):
     return signal, dict(zip([n for n, p in model.named_parameters() if p.requires_grad], grads[len(outs):]))
 
 
-def check_param_stats(scope, ref_grads, model):
+EXTRAS = ("grad_max", "grad_zero_frac", "weight_norm")
+
+
+def check_param_stats(scope, ref_grads, model, extras=True):
     per_param = scope.latest(per="param")
     named = dict(model.named_parameters())
     assert set(per_param) == set(ref_grads)
@@ -50,23 +53,27 @@ def check_param_stats(scope, ref_grads, model):
         st = per_param[name]
         assert rel_close(st["grad_norm"], float(g.norm()))
         assert rel_close(st["grad_rms"], float(g.pow(2).mean().sqrt()), 1e-5)
+        assert st["grad_nonfinite"] == 0
+        if not extras:
+            assert not set(EXTRAS) & st.keys()  # opt-in only
+            continue
         assert rel_close(st["grad_max"], float(g.abs().max()))
         assert st["grad_zero_frac"] == pytest.approx(float((g == 0).float().mean()), abs=1e-7)
-        assert st["grad_nonfinite"] == 0
         assert rel_close(st["weight_norm"], float(named[name].detach().norm()))
 
 
+@pytest.mark.parametrize("extras", [True, False])
 @pytest.mark.parametrize("make", [small_cnn, lambda: deep_mlp(6, 32, "tanh", in_features=3 * 8 * 8)])
-def test_statistics_match_autograd(make):
+def test_statistics_match_autograd(make, extras):
     model = make()
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
     ref_model = copy.deepcopy(model)
     signal, ref_grads = reference(ref_model, x, y)
 
-    scope = gradscope.watch(model)
+    scope = gradscope.watch(model, extra_stats="all" if extras else ())
     F.cross_entropy(model(x), y).backward()
     scope.step()
-    check_param_stats(scope, ref_grads, model)
+    check_param_stats(scope, ref_grads, model, extras)
 
     latest = scope.latest()
     for name, s in signal.items():
@@ -81,6 +88,11 @@ def test_statistics_match_autograd(make):
         numel = sum(g.numel() for g in gs)
         assert rel_close(latest[lname]["grad_norm"], total)
         assert rel_close(latest[lname]["grad_rms"], total / math.sqrt(numel))
+        if not extras:
+            assert not set(EXTRAS) & latest[lname].keys()
+            continue
+        assert rel_close(latest[lname]["weight_norm"], math.sqrt(sum(float(p.detach().norm()) ** 2 for p in module.parameters(
+            recurse=False))))
         assert rel_close(latest[lname]["grad_max"], max(float(g.abs().max()) for g in gs))
         zeros = sum(int((g == 0).sum()) for g in gs)
         assert latest[lname]["grad_zero_frac"] == pytest.approx(zeros / numel, abs=1e-7)
@@ -89,7 +101,7 @@ def test_statistics_match_autograd(make):
 
 def test_zero_fraction_counts_exact_zeros():
     lin = nn.Linear(4, 3)
-    scope = gradscope.watch(lin)
+    scope = gradscope.watch(lin, extra_stats="grad_zero_frac")
     x = torch.randn(5, 4)
     x[:, 1] = 0  # column 1 of the weight gradient is exactly zero
     lin(x).sum().backward()
@@ -180,7 +192,7 @@ def test_call_sites_frozen_and_missing_grads():
 
 def test_sparse_embedding_gradients():
     emb = nn.Embedding(50, 4, sparse=True)
-    scope = gradscope.watch(emb)
+    scope = gradscope.watch(emb, extra_stats="all")
     idx = torch.tensor([1, 2, 2, 7])
     emb(idx).pow(2).sum().backward()
     scope.step()
