@@ -16,6 +16,8 @@ Every tracker keeps O(units) device state and never holds a batch of activations
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -55,14 +57,19 @@ def unit_dim(ndim: int) -> int:
     return 1
 
 
-def fired_counts(out: Tensor, dim: int) -> tuple[Tensor, Tensor, int]:
+@functools.lru_cache(maxsize=64)
+def _ones_row(n: int, device: torch.device) -> Tensor:
+    return torch.ones(1, n, device=device)
+
+
+def fired_counts(out: Tensor, dim: int, check: bool = True) -> tuple[Tensor, Tensor | None, int]:
     """Forward-side work of a ReLU-family site: ``(counts, check, n)``.
 
     counts: float32 ``(units,)``, on how many of the ``n`` samples each unit fired (any output > 0: any position of a
-    conv channel, any step of a sequence). check: the float32 sum of the outputs, non-finite iff they hold NaN/Inf
-    (it doubles as the site's forward NaN check). Three reductions at most, no Python per unit: ReLU outputs are
-    >= 0, so a unit fired on a sample iff its summed outputs on that sample are > 0, and counting is ``sign().sum(0)``
-    (several times faster on CPU than ``count_nonzero`` or ``amax``, whose kernels are slow on such shapes).
+    conv channel, any step of a sequence). check (when asked for, else None): the float32 sum of the outputs,
+    non-finite iff they hold NaN/Inf, the site's forward NaN check. ReLU outputs are >= 0, so a unit fired on a sample
+    iff its summed outputs on that sample are > 0, and the count is ``ones @ sign(per-sample sums)``: two or three
+    ops, several times faster on CPU than ``count_nonzero``, ``amax`` or a column ``sum`` on such shapes.
     """
     x = out.detach()
     if x.ndim <= 1:
@@ -71,8 +78,21 @@ def fired_counts(out: Tensor, dim: int) -> tuple[Tensor, Tensor, int]:
         x = x.movedim(dim, 1)
     if x.ndim > 2:
         x = x.sum(dim=tuple(range(2, x.ndim)), dtype=torch.float32)  # (N, U) per-sample totals
-    check = x.sum(dtype=torch.float32)
-    return x.sign().sum(0, dtype=torch.float32), check, x.shape[0]
+    n = x.shape[0]
+    total = x.sum(dtype=torch.float32) if check else None
+    fired = x.sign()
+    if fired.dtype != torch.float32:
+        fired = fired.float()  # counts above 256 are not exact in bfloat16
+    if _autocast_on(fired.device.type):
+        return fired.sum(0), total, n  # autocast would run the matmul in 16 bits
+    return (_ones_row(n, fired.device) @ fired).reshape(-1), total, n
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 class DeadUnits:
@@ -201,9 +221,9 @@ class ThroughTime:
 class FunctionalCalls(TorchFunctionMode):
     """Sees functional activation calls made inside the model's forward and hands them to ``on_call``.
 
-    ``on_call(kind, output)`` is called after the function ran; the collector names the site after the innermost
-    module on its module stack. Calls made inside an activation *module* (``nn.ReLU`` calls ``F.relu``) are skipped by
-    the collector: that module is already a site.
+    ``on_call(kind, output, input)`` is called after the function ran; the collector names the site after the
+    innermost module on its module stack. Calls made inside an activation *module* (``nn.ReLU`` calls ``F.relu``) are
+    skipped by the collector: that module is already a site.
     """
 
     def __init__(self, on_call):
@@ -214,7 +234,7 @@ class FunctionalCalls(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         kind = FUNCTION_KINDS.get(func)
         if kind is not None and isinstance(out, Tensor):
-            self.on_call(kind, out)
+            self.on_call(kind, out, args[0] if args else (kwargs or {}).get("input"))
         return out
 
 

@@ -82,6 +82,8 @@ class _ForwardState(threading.local):
         self.stack: list[str] = []  # modules whose forward is running, innermost last
         self.depth = 0  # nesting of root forward calls (a root that calls itself is one forward pass)
         self.mode = None  # the FunctionalCalls mode this thread entered
+        self.checked = None  # the last output whose NaN/Inf check was recorded (see Collector._needs_check)
+        self.checked_version = 0  # its version counter then: an inplace change since shows in it
 
 
 # Gradscope's own tensor work inside a forward hook must not go through its (or anyone's) TorchFunctionMode: that
@@ -137,6 +139,7 @@ class Collector:
         self.dead_window, self.saturation_eps = dead_window, saturation_eps
         self.unit_dims = dict(unit_dims or {})
         self.module_kinds: dict[str, str] = {}
+        self.inplace_modules: set[str] = set()
         self._fwd = _ForwardState()
         self.functional = functional
         self._handles: list = []
@@ -159,6 +162,8 @@ class Collector:
             kind = module_kind(module)
             if kind is not None:
                 self.module_kinds[name] = kind
+                if getattr(module, "inplace", False) is True:
+                    self.inplace_modules.add(name)
             if module is not model:
                 self._handles.append(module.register_forward_pre_hook(partial(self._enter_module, name)))
             if kind == "recurrent":
@@ -228,6 +233,7 @@ class Collector:
             mode.__exit__(None, None, None)
         st.stack = []
         st.depth = 0
+        st.checked = None
 
     def _enter_module(self, name: str, module, args):
         st = self._fwd
@@ -258,20 +264,38 @@ class Collector:
             with _no_function_mode():
                 self._record_output(name, site, args, output)
 
+    def _needs_check(self, args, inplace: bool = False) -> bool:
+        """Whether an activation site's output needs its own NaN/Inf check.
+
+        ReLU, sigmoid and tanh make NaN/Inf only from NaN/Inf inputs, so when the input is the output just checked,
+        unchanged since (``Linear -> ReLU``, ``BatchNorm -> ReLU(inplace=True)``, whose own change is the one allowed),
+        that check already names the first module producing it.
+        """
+        st = self._fwd
+        if not args or args[0] is not st.checked or st.checked is None:
+            return True
+        return args[0]._version != st.checked_version + (1 if inplace else 0)
+
+    def _set_checked(self, t) -> None:
+        st = self._fwd
+        st.checked = t if isinstance(t, Tensor) else None
+        st.checked_version = t._version if st.checked is not None else 0
+
     def _record_output(self, name: str, site: str, args, output) -> None:
         kind = self.module_kinds.get(name)
         check = None
         if kind in ("relu", "sigmoid", "tanh") and isinstance(output, Tensor):
-            check = self._observe(site, kind, output)
+            check = self._observe(site, kind, output, self._needs_check(args, name in self.inplace_modules))
         tensors = _tensors(output)
         if not tensors:
             return
         self.order.setdefault(site, name)
-        if check is None:
+        if check is None and kind not in ("relu", "sigmoid", "tanh"):
             floats = [t.detach().sum(dtype=torch.float32) for t in tensors if t.is_floating_point()]
             check = floats[0] if len(floats) == 1 else torch.stack(floats).sum() if floats else None
         if check is not None:
             self.output_parts.append((site, check))
+            self._set_checked(output)
         self.hooked.add(site)
         hook = self._grad_hooks.get(site)
         if hook is None:
@@ -280,7 +304,7 @@ class Collector:
             target = t if t._base is None else _hook_target(t, args)
             self._tensor_handles.append(target.register_hook(hook))
 
-    def _on_function(self, kind: str, out: Tensor) -> None:
+    def _on_function(self, kind: str, out: Tensor, inp) -> None:
         # outputs that need no grad (masks, metrics) take no part in learning; depth 0: a mode left by an interrupt
         if not self._live() or not out.requires_grad or self._fwd.depth == 0:
             return
@@ -291,16 +315,19 @@ class Collector:
         self.order.setdefault(site, owner)
         self.functional_sites[site] = kind
         with _no_function_mode():
-            check = self._observe(site, kind, out)
-        self.output_parts.append((site, check))
+            check = self._observe(site, kind, out, self._needs_check((inp,), out is inp))
+        if check is not None:
+            self.output_parts.append((site, check))
+            self._set_checked(out)
 
-    def _observe(self, site: str, kind: str, out: Tensor) -> Tensor:
-        """Record a ReLU/sigmoid/tanh output; return the sum of the outputs (the site's forward NaN/Inf check)."""
+    def _observe(self, site: str, kind: str, out: Tensor, check: bool = True) -> Tensor | None:
+        """Record a ReLU/sigmoid/tanh output; return the sum of the outputs (the site's forward NaN/Inf check), or
+        None for a ReLU whose input was just checked."""
         self.observed.add(site)
         if kind == "relu":
-            counts, check, n = fired_counts(out, self.unit_dims.get(site, unit_dim(out.ndim)))
+            counts, total, n = fired_counts(out, self.unit_dims.get(site, unit_dim(out.ndim)), check)
             self.dead_parts.append((site, counts, n))
-            return check
+            return total
         saturated, check, numel = saturation_counts(out, kind, self.saturation_eps)
         self.saturation_parts.append((site, saturated, check, numel))
         return check

@@ -95,6 +95,30 @@ def test_nan_injected_in_a_layer_forward_is_flagged_naming_that_layer():
     assert "forward output" in new[0].message
 
 
+class InplaceNan(nn.Module):
+    """A NaN written in place between a checked module and its ReLU (by an op no hook sees)."""
+
+    def __init__(self, relu):
+        super().__init__()
+        self.lin, self.relu, self.out = nn.Linear(4, 4), relu, nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        h[:, 0] = float("nan")
+        return self.out(self.relu(h))
+
+
+@pytest.mark.parametrize("relu", [nn.ReLU(), nn.ReLU(inplace=True), nn.Sigmoid()])
+def test_activation_after_an_unseen_inplace_nan_is_named(relu):
+    # an activation whose input is the output just checked skips its own check, unless that tensor changed since
+    model = InplaceNan(relu)
+    scope = gradscope.watch(model)
+    F.cross_entropy(model(torch.randn(3, 4)), torch.tensor([0, 1, 0])).backward()
+    assert [(a.kind, a.layer) for a in scope.step() if a.kind == "nonfinite"] == [("nonfinite", "relu")]
+    assert scope.latest()["lin"]["output_nonfinite"] == 0.0
+    scope.detach()
+
+
 def test_nan_from_the_loss_names_the_layer_closest_to_the_loss():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     scope = gradscope.watch(model)
