@@ -233,6 +233,7 @@ class Scope(Run):
             if optimizer is not None:
                 self._opt_handle = optimizer.register_step_pre_hook(self._on_optimizer_step)
                 if scaler is not None:
+                    self._collector.watch_backward()
                     self._collector.on_new_forward = self._check_skipped_step
             self._update_layers()
         except BaseException:
@@ -351,12 +352,16 @@ class Scope(Run):
                 record = self._collect(step, scaler, scale_t, skipped)
             except BaseException:
                 c.reset()  # the step is lost, but counters and buffers stay consistent
-                c.backward_seen = False
+                c.mark_grads()
                 raise
             c.reset()
-        c.backward_seen = False
+        c.mark_grads()
         self._num_steps += 1
         collected, c.active = c.active, self._num_steps % self.every == 0
+        if c.active:
+            c.arm()
+        elif self.every > 1:
+            c.disarm()
         if self._update_ratio and c.active:
             self._take_snapshot(step)
         if not collected:

@@ -10,7 +10,7 @@ from torch import nn
 
 import gradscope
 from gradscope.models import deep_mlp
-from conftest import rel_close
+from conftest import hook_entries, rel_close
 
 
 def small_cnn():
@@ -244,13 +244,17 @@ def test_amp_overflow_is_a_skipped_step_not_an_alert():
 def test_every_n_collects_only_every_nth_step_and_registers_nothing_between():
     model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
     scope = gradscope.watch(model, every=3)
-    seen = []
+    seen, module_hooks = [], []
     model[0].register_forward_hook(lambda m, a, o: seen.append(bool(o._backward_hooks)))  # runs after gradscope's
     for step in range(7):
+        module_hooks.append(sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model))
         out = model(torch.randn(2, 3)).sum()
         out.backward()
         scope.step()
     assert scope.history.steps == [0, 3, 6]
     assert seen == [True, False, False, True, False, False, True]  # a tensor hook on collected steps only
+    # per-module hooks only around collected steps: 1 (the test's own) + 2 per child (forward and pre-hook)
+    assert module_hooks == [7, 1, 1, 7, 1, 1, 7]
     assert scope.num_steps == 7
     scope.detach()
+    assert hook_entries(model) == ["0._forward_hooks"]
