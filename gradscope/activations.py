@@ -145,7 +145,7 @@ class DeadUnitBank:
         sizes = [u for _, u in layout]
         for (site, _), s, r in zip(layout, self._since.split(sizes), self._rate.split(sizes)):
             self.sites[site].since, self.sites[site].rate = s, r
-        self._segment = torch.repeat_interleave(torch.arange(len(layout)), torch.tensor(sizes)).to(device)
+        self._segment = self._per_unit_values(list(range(len(layout))), sizes, torch.int64)
         self.layout = layout
 
     def update(self, parts: list[tuple[str, Tensor, int]]) -> None:
@@ -172,7 +172,12 @@ class DeadUnitBank:
         """One scalar when every site has the same value (the usual case), else a per-unit vector."""
         if all(v == values[0] for v in values):
             return float(values[0])
-        return torch.tensor(values, dtype=torch.float32)[self._segment.cpu()].to(self._since.device)
+        return self._per_unit_values(values, [u for _, u in self.layout], torch.float32)
+
+    def _per_unit_values(self, values: list, sizes: list[int], dtype) -> Tensor:
+        # built on the device from scalars: no host-to-device copy, which would synchronise on CUDA
+        device = self._since.device
+        return torch.cat([torch.full((u,), v, dtype=dtype, device=device) for v, u in zip(values, sizes)])
 
     def stats(self, sites: list[str]) -> tuple[Tensor, Tensor]:
         """``(dead units, summed firing rates)`` of ``sites`` as two float32 vectors."""

@@ -2,19 +2,28 @@
 
     python scripts/bench_overhead.py [--models resnet18 resnet20 mlp20 lstm] [--steps 20] [--rounds 3] [--device cpu]
 
-The mean ratio is the amortised cost (with every=10 one step in ten does the collecting); the median is the typical
-step. Monitors run interleaved (plain, gradscope every=1, every=10, every=1 with all optional extra_stats (max |g|,
-zero fraction, weight norms), a per-parameter .item() loop, TensorBoard add_histogram per parameter, wandb.watch
-offline), each for --steps timed steps per round after a warm-up, on the same model and batches. Peers that are not installed are skipped with a note; they are never dependencies of gradscope.
-Memory: the process RSS after each monitor's block on CPU (max_memory_allocated on CUDA).
+Monitors: plain training, gradscope every=1, every=10, every=1 with all optional extra_stats (max |g|, zero
+fraction, weight norms), a per-parameter .item() loop, TensorBoard add_histogram per parameter, wandb.watch offline.
+Each trains its own copy of the model (same weights, same batches); the script runs one step of each in turn, the
+order rotating every cycle, for --steps x --rounds cycles after --warmup, so a slow phase of a shared machine hits all
+monitors alike. "x plain (median)" is the median over cycles of the step time over plain's step time in the same
+cycle: the typical step. "x plain (mean)" is the ratio of mean step times: the amortised cost, which is what every=10
+changes. Peers that are not installed are skipped with a note; they are never dependencies of gradscope.
+Memory: the peak working memory of 3 steps of each monitor alone, above what was in use before them (CUDA:
+max_memory_allocated; CPU: the peak resident set size, VmHWM, with glibc returning large blocks to the OS).
+--growth N trains the 20-layer MLP N steps with gradscope and prints the memory in use ten times along the way.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import logging
+import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,11 +40,6 @@ MODELS = {  # name: (builder, batch size, input shape)
     "mlp20": (lambda: deep_mlp(20, 256, "relu", "kaiming"), 128, (3, 32, 32)),
     "lstm": (lambda: build_model("lstm-rows"), 128, (3, 32, 32)),
 }
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
 class Monitor:
@@ -127,48 +131,133 @@ def available_monitors():
     return monitors, notes
 
 
-def step_times(model, opt, monitor, batches, steps, warmup, device):
-    monitor.attach(model, opt)
-    times = []
-    try:
-        for i in range(warmup + steps):
-            x, y = batches[i % len(batches)]
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            monitor.after_backward(model, i)
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    finally:
-        monitor.detach()
-    return times
+def train_step(model, opt, monitor, batch, i, device) -> float:
+    """One timed training step (forward, backward, the monitor's work, optimizer step), in seconds."""
+    x, y = batch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    monitor.after_backward(model, i)
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def reset_peak() -> float:
+    """Reset the peak memory counter; return the memory in use now (MiB)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2 ** 20
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: resets VmHWM, the peak resident set size
+        f.write("5")
+    return _status_mib("VmRSS")
+
+
+def peak() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return _status_mib("VmHWM")
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def bench(name, args, device, monitors):
+    """Each monitor trains its own copy of the model (same weights, same batches); one step of each in turn, the order
+    rotating every cycle, so slow phases of a shared machine hit every monitor alike. Ratios are per cycle."""
     make, batch, shape = MODELS[name]
     batch = args.batch_size or batch
     torch.manual_seed(0)
-    model = make().to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    base = make().to(device)
     batches = [(torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device))
                for _ in range(4)]
+    runs = []
+    for m in monitors:
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        runs.append((m, model, opt))
+    for m, model, opt in runs:
+        m.attach(model, opt)
     times = {m.name: [] for m in monitors}
+    try:
+        cycles = 0 if args.memory_only else args.warmup + args.steps * args.rounds
+        for i in range(cycles):
+            k = i % len(runs)
+            for m, model, opt in runs[k:] + runs[:k]:
+                t = train_step(model, opt, m, batches[i % len(batches)], i, device)
+                if i >= args.warmup:
+                    times[m.name].append(t)
+        memory = peak_memory(runs, batches, device) if args.memory_only or device.type == "cuda" else {}
+    finally:
+        for m, _, _ in runs:
+            m.detach()
+    if args.memory_only:
+        return memory
+    if not memory:
+        memory = memory_in_child(name, args)
+    plain = times["plain"]
+    rows = []
+    for m in monitors:
+        t = times[m.name]
+        rows.append((m.name, statistics.median(t) * 1000, statistics.median(a / b for a, b in zip(t, plain)),
+                     statistics.mean(t) / statistics.mean(plain), memory[m.name],
+                     memory[m.name] / memory["plain"] if memory["plain"] > 0 else math.nan))
+    return rows
+
+
+def peak_memory(runs, batches, device) -> dict:
+    """The peak working memory of 3 steps of each monitor alone, above the memory in use before them (MiB)."""
     memory = {}
-    for _ in range(args.rounds):  # interleaved: A B C ... A B C ...
-        for m in monitors:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            times[m.name] += step_times(model, opt, m, batches, args.steps, args.warmup, device)
-            memory[m.name] = (torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else rss_mib())
-    plain, plain_mean = statistics.median(times["plain"]), statistics.mean(times["plain"])
-    return [(m.name, statistics.median(times[m.name]) * 1000, statistics.median(times[m.name]) / plain,
-             statistics.mean(times[m.name]) / plain_mean, memory[m.name]) for m in monitors]
+    for i in range(2):  # first steps allocate for good (optimizer state, thread pools): not working memory
+        for m, model, opt in runs:
+            train_step(model, opt, m, batches[i % len(batches)], i, device)
+    for m, model, opt in runs:
+        before = reset_peak()
+        for i in range(3):
+            train_step(model, opt, m, batches[i % len(batches)], i, device)
+        memory[m.name] = peak() - before
+    return memory
+
+
+def memory_in_child(name: str, args) -> dict:
+    """CPU: measure peak memory in a child process whose glibc returns every large block to the OS when it is freed
+    (a fixed mmap threshold), so that the peak resident size of a few steps is their working memory. The timings stay
+    in this process: a fixed threshold makes every large allocation an mmap and would slow the steps being timed."""
+    cmd = [sys.executable, __file__, "--models", name, "--memory-only", "--steps", "0", "--warmup", "0"]
+    if args.batch_size:
+        cmd += ["--batch-size", str(args.batch_size)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def growth(args, device) -> None:
+    """RSS (CUDA: memory allocated) over a long run of the 20-layer MLP with gradscope every=1: it must stay flat."""
+    torch.manual_seed(0)
+    model = deep_mlp(20, 256, "relu", "kaiming").to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scope = gradscope.watch(model)
+    batches = [(torch.randn(128, 3, 32, 32, device=device), torch.randint(0, 10, (128,), device=device))
+               for _ in range(4)]
+    mon = Gradscope(1)
+    mon.scope = scope
+    print(f"\nmemory over {args.growth} steps of mlp20 with gradscope every=1 (history={scope.history.max_records})")
+    print("| step | MiB in use | records kept |\n|---|---|---|")
+    for i in range(args.growth):
+        train_step(model, opt, mon, batches[i % 4], i, device)
+        if (i + 1) % max(1, args.growth // 10) == 0 or i == 0:
+            used = (torch.cuda.memory_allocated() / 2 ** 20 if device.type == "cuda" else _status_mib("VmRSS"))
+            print(f"| {i + 1} | {used:.1f} | {len(scope.history)} |", flush=True)
+    scope.detach()
 
 
 def main(argv=None):
@@ -179,20 +268,28 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-size", type=int, help="override every model's batch size (e.g. tiny for a smoke test)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child of memory_in_child
+    ap.add_argument("--growth", type=int, default=0, metavar="STEPS",
+                    help="also train the MLP this many steps with gradscope and print the memory in use (e.g. 10000)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device")
     device = torch.device(args.device)
     logging.getLogger("gradscope").setLevel(logging.ERROR)  # random batches raise alerts; timing only here
     monitors, notes = available_monitors()
-    mem = "peak MiB (CUDA)" if device.type == "cuda" else "RSS MiB after"
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up), median step time")
+    if args.memory_only:
+        print(json.dumps(bench(args.models[0], args, device, monitors)))
+        return 0
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, {args.steps * args.rounds} "
+          f"timed steps per monitor (+{args.warmup} warm-up), one step of each monitor in turn")
     for name in args.models:
-        print(f"\n{name}\n| monitor | median step ms | x plain (median) | x plain (mean) | {mem} |\n"
-              "|---|---|---|---|---|")
-        for monitor, ms, ratio, mean_ratio, memory in bench(name, args, device, monitors):
-            print(f"| {monitor} | {ms:.1f} | {ratio:.3f} | {mean_ratio:.3f} | {memory:.0f} |")
+        print(f"\n{name}\n| monitor | median step ms | x plain (median) | x plain (mean) | peak MiB | x plain peak |\n"
+              "|---|---|---|---|---|---|")
+        for monitor, ms, ratio, mean_ratio, memory, mem_ratio in bench(name, args, device, monitors):
+            print(f"| {monitor} | {ms:.1f} | {ratio:.3f} | {mean_ratio:.3f} | {memory:.1f} | {mem_ratio:.3f} |",
+                  flush=True)
+    if args.growth:
+        growth(args, device)
     for note in notes:
         print(f"\nnote: {note}")
     return 0

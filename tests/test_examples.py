@@ -45,9 +45,12 @@ def test_train_cifar10_example():
 
 def test_overhead_benchmark_script_runs_tiny():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench_overhead.py"), "--models", "mlp20", "lstm",
-                           "--steps", "2", "--rounds", "1", "--warmup", "1", "--batch-size", "4"],
+                           "--steps", "2", "--rounds", "1", "--warmup", "1", "--batch-size", "4", "--growth", "5"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "monitor" not in line]
-    assert len(rows) >= 8 and rows[0].startswith("| plain | ") and "| 1.000 | 1.000 |" in rows[0]
+    tables, growth = proc.stdout.split("memory over 5 steps")
+    rows = [line for line in tables.splitlines() if line.startswith("| ") and "monitor" not in line]
+    assert len(rows) == 10 and rows[0].startswith("| plain | ") and "| 1.000 | 1.000 |" in rows[0]
     assert any(line.startswith("| gradscope every=10 |") for line in rows)
+    assert [line.split("|")[1].strip() for line in growth.splitlines() if line[:2] == "| " and "step" not in line
+            and not line.startswith("|---")] == ["1", "2", "3", "4", "5"]
