@@ -240,6 +240,51 @@ def memory_in_child(name: str, args) -> dict:
     return json.loads(out.splitlines()[-1])
 
 
+PHASES = ("forward", "backward", "gradscope step()", "optimizer step")
+
+
+def phases(name: str, args, device) -> None:
+    """Where gradscope every=1 spends its time: each phase of a step, plain vs watched, one step of each in turn."""
+    make, batch, shape = MODELS[name]
+    batch = args.batch_size or batch
+    torch.manual_seed(0)
+    base = make().to(device)
+    x, y = torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device)
+    runs = []
+    for watched in (False, True):
+        model = copy.deepcopy(base)
+        runs.append((model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                     gradscope.watch(model) if watched else None))
+    times = [[[] for _ in PHASES] for _ in runs]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i in range(args.warmup + args.steps * args.rounds):
+        for k in (0, 1) if i % 2 else (1, 0):
+            model, opt, scope = runs[k]
+            stamps = [time.perf_counter()]
+            loss = F.cross_entropy(model(x), y)
+            sync()
+            stamps.append(time.perf_counter())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sync()
+            stamps.append(time.perf_counter())
+            if scope is not None:
+                scope.step()
+            sync()
+            stamps.append(time.perf_counter())
+            opt.step()
+            sync()
+            stamps.append(time.perf_counter())
+            if i >= args.warmup:
+                for j in range(len(PHASES)):
+                    times[k][j].append(stamps[j + 1] - stamps[j])
+    runs[1][2].detach()
+    print(f"\n{name}: median ms per phase\n| phase | plain | gradscope every=1 | difference |\n|---|---|---|---|")
+    for j, phase in enumerate(PHASES):
+        a, b = statistics.median(times[0][j]) * 1000, statistics.median(times[1][j]) * 1000
+        print(f"| {phase} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+
+
 def growth(args, device) -> None:
     """RSS (CUDA: memory allocated) over a long run of the 20-layer MLP with gradscope every=1: it must stay flat."""
     torch.manual_seed(0)
@@ -268,6 +313,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-size", type=int, help="override every model's batch size (e.g. tiny for a smoke test)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--phases", action="store_true",
+                    help="also print where gradscope every=1 spends its time (forward, backward, step(), optimizer)")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child of memory_in_child
     ap.add_argument("--growth", type=int, default=0, metavar="STEPS",
                     help="also train the MLP this many steps with gradscope and print the memory in use (e.g. 10000)")
@@ -288,6 +335,9 @@ def main(argv=None):
         for monitor, ms, ratio, mean_ratio, memory, mem_ratio in bench(name, args, device, monitors):
             print(f"| {monitor} | {ms:.1f} | {ratio:.3f} | {mean_ratio:.3f} | {memory:.1f} | {mem_ratio:.3f} |",
                   flush=True)
+    if args.phases:
+        for name in args.models:
+            phases(name, args, device)
     if args.growth:
         growth(args, device)
     for note in notes:

@@ -45,10 +45,13 @@ def test_train_cifar10_example():
 
 def test_overhead_benchmark_script_runs_tiny():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench_overhead.py"), "--models", "mlp20", "lstm",
-                           "--steps", "2", "--rounds", "1", "--warmup", "1", "--batch-size", "4", "--growth", "5"],
+                           "--steps", "2", "--rounds", "1", "--warmup", "1", "--batch-size", "4", "--growth", "5",
+                           "--phases"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     tables, growth = proc.stdout.split("memory over 5 steps")
+    tables, phase_tables = tables.split("mlp20: median ms per phase")
+    assert "| gradscope step() | 0.00 |" in phase_tables and "lstm: median ms per phase" in phase_tables
     rows = [line for line in tables.splitlines() if line.startswith("| ") and "monitor" not in line]
     assert len(rows) == 10 and rows[0].startswith("| plain | ") and "| 1.000 | 1.000 |" in rows[0]
     assert any(line.startswith("| gradscope every=10 |") for line in rows)
