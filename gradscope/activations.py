@@ -16,8 +16,6 @@ Every tracker keeps O(units) device state and never holds a batch of activations
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -57,9 +55,18 @@ def unit_dim(ndim: int) -> int:
     return 1
 
 
-@functools.lru_cache(maxsize=64)
+_ONES: dict = {}
+
+
 def _ones_row(n: int, device: torch.device) -> Tensor:
-    return torch.ones(1, n, device=device)
+    """A cached ``(1, n)`` row of ones (a plain dict: ``torch.compile`` traces through it without a warning)."""
+    key = (n, device)
+    ones = _ONES.get(key)
+    if ones is None:
+        if len(_ONES) > 64:
+            _ONES.clear()
+        ones = _ONES[key] = torch.ones(1, n, device=device)
+    return ones
 
 
 def fired_counts(out: Tensor, dim: int, check: bool = True) -> tuple[Tensor, Tensor | None, int]:

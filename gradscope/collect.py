@@ -159,6 +159,7 @@ class Collector:
         self._backward_flag = False  # set by parameter hooks, when watch_backward() added them
         self._param_hook_dicts_were_none: list[nn.Parameter] = []
         self._module_handles: list = []  # per-module hooks, removed between collected steps when every > 1
+        self._hook_specs: list | None = None  # (module, kind, hook function), made once
         self._model = model
         self.profile_modules: set[str] = set()
         self.on_new_forward = None  # called with no argument when a root forward starts (the scope's AMP check)
@@ -190,26 +191,38 @@ class Collector:
     def arm(self) -> None:
         """Register the per-module hooks (idempotent). Between collected steps they are removed (:meth:`disarm`):
         a module with any hook takes PyTorch's slower call path, ~5 us per call on CPU even when the hook returns at
-        once, which is ~2% of a 20-layer MLP step."""
+        once, which is ~2% of a 20-layer MLP step. The hook functions are made once and re-registered as the same
+        objects, so a ``torch.compile``-d model sees two hook states, not a new one per collected step."""
         if self._module_handles or not self.attached:
             return
-        handles = self._module_handles
-        model = self._model
+        if self._hook_specs is None:
+            self._hook_specs = self._make_hook_specs()
         try:
-            for name, module in model.named_modules():
-                # forward hooks first (prepend): they see what the module produced, whatever the user's hooks do
-                # to it after and whenever those were added; the recurrent input swap last, on the final input
-                if module is not model:
-                    handles.append(module.register_forward_pre_hook(partial(self._enter_module, name), prepend=True))
-                if self.module_kinds.get(name) == "recurrent":
-                    handles.append(module.register_forward_pre_hook(partial(self._recurrent_input, name),
-                                                                    with_kwargs=True))
-                if module is model and name not in self.profile_modules:
-                    continue  # the root container's output is its last child's, or the loss input: nothing new
-                handles.append(module.register_forward_hook(partial(self._on_forward, name), prepend=True))
+            for module, kind, fn in self._hook_specs:
+                if kind == "enter":
+                    handle = module.register_forward_pre_hook(fn, prepend=True)
+                elif kind == "recurrent":
+                    handle = module.register_forward_pre_hook(fn, with_kwargs=True)
+                else:
+                    handle = module.register_forward_hook(fn, prepend=True)
+                self._module_handles.append(handle)
         except BaseException:
             self.disarm()
             raise
+
+    def _make_hook_specs(self) -> list:
+        # forward hooks first (prepend): they see what the module produced, whatever the user's hooks do to it after
+        # and whenever those were added; the recurrent input swap last, on the final input
+        specs, model = [], self._model
+        for name, module in model.named_modules():
+            if module is not model:
+                specs.append((module, "enter", partial(self._enter_module, name)))
+            if self.module_kinds.get(name) == "recurrent":
+                specs.append((module, "recurrent", partial(self._recurrent_input, name)))
+            if module is model and name not in self.profile_modules:
+                continue  # the root container's output is its last child's, or the loss input: nothing new
+            specs.append((module, "output", partial(self._on_forward, name)))
+        return specs
 
     def disarm(self) -> None:
         for h in self._module_handles:

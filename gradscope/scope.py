@@ -100,6 +100,13 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
                  functional=functional, update_ratio=update_ratio, extra_stats=extra_stats)
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile(model)`` wrapper: its hooks fire in the compiled forward, and its layer
+    names are the user's (``"0"``, not ``"_orig_mod.0"``)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
+
+
 def _scale_tensor(scaler):
     """The loss scale of the backward pass just run (a device tensor, no sync), or None without scaling."""
     if scaler is None or not scaler.is_enabled():
@@ -158,6 +165,7 @@ class Scope(Run):
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradscope.watch() expects a torch.nn.Module, got {type(model).__name__}; "
                             "pass the model itself, e.g. gradscope.watch(model)")
+        model = _uncompiled(model)
         if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
             raise ValueError(f"every must be a positive int (collect on every N-th step), got {every!r}; e.g. every=10")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):

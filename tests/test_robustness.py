@@ -194,3 +194,34 @@ def test_parameterised_module_never_called_is_placed_before_its_parent():
     assert names.index("1.self_attn.out_proj") == names.index("1.self_attn") - 1
     assert names[-1] == "3"
     scope.detach()
+
+
+@pytest.mark.parametrize("order", ["watch, then compile", "compile, then watch"])
+@pytest.mark.parametrize("every", [1, 2])
+def test_torch_compile_gives_the_eager_statistics(order, every):
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    eager, model = make(), make()
+    model.load_state_dict(eager.state_dict())
+    batches = [(torch.randn(32, 8), torch.randint(0, 4, (32,))) for _ in range(4)]
+    ref = gradscope.watch(eager, every=every)
+    if order == "watch, then compile":
+        scope = gradscope.watch(model, every=every)
+        compiled = torch.compile(model)
+    else:
+        compiled = torch.compile(model)
+        scope = gradscope.watch(compiled, every=every)  # the compiled wrapper: its inner module is watched
+    assert scope.model is model
+    for x, y in batches:
+        for m, s in ((eager, ref), (compiled, scope)):
+            m.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            s.step()
+    assert scope.history.steps == ref.history.steps == list(range(0, 4, every))
+    got, want = scope.latest(), ref.latest()
+    assert got.keys() == want.keys() == {"0", "1", "2", "3", "4"}
+    for layer, st in want.items():
+        for key, v in st.items():
+            assert got[layer][key] == pytest.approx(v, rel=1e-4, abs=1e-9), (layer, key)
+    scope.detach()
+    ref.detach()
