@@ -16,10 +16,11 @@ from .alerts import Alert, GradientError
 from .audit import AuditReport, audit
 from .detectors import DeadUnits, Exploding, Nonfinite, Saturation, ThroughTime, Vanishing, default_detectors
 from .record import History, Run, StepRecord, load
-from .scope import Scope, watch
+from .scope import EXTRA_STATS, Scope, watch
+from .tensorboard import TensorBoardLogger
 
 __version__ = "0.1.0"
 
 __all__ = ["watch", "audit", "load", "Scope", "Run", "AuditReport", "StepRecord", "History", "Alert", "GradientError",
            "Vanishing", "Exploding", "Nonfinite", "DeadUnits", "Saturation", "ThroughTime", "default_detectors",
-           "__version__"]
+           "EXTRA_STATS", "TensorBoardLogger", "__version__"]

@@ -227,6 +227,10 @@ class Scope(Run):
         super().__init__(meta, hist, self._book.alerts)
 
         self._optimizer = optimizer
+        self._listeners: list = []
+        self.grad_divisor = 1.0
+        """What this collected step's ``.grad`` values were divided by for the statistics (the AMP loss scale when
+        the gradients were still scaled, else 1): listeners that read ``.grad`` themselves divide by it too."""
         self._overflow_streak = 0
         self._scale_at_start = None
         self._opt_handle = None
@@ -280,6 +284,23 @@ class Scope(Run):
             raise RuntimeError("scope.step() was called with no backward pass since the last step: call "
                                "loss.backward() before scope.step(), once per optimizer step")
         return self._close_step(scaler if scaler is not None else self._scaler)
+
+    def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The tracked parameters ``(qualified name, parameter)``: trainable ones, each once, in module order."""
+        return [(name, p) for name, _, p in self._params]
+
+    def add_listener(self, listener) -> None:
+        """Call ``listener(scope, record, new_alerts)`` after every collected step (after the detectors ran, before a
+        ``raise_on`` alert is raised), while ``.grad`` still holds that step's gradients. Loggers such as
+        :class:`gradscope.tensorboard.TensorBoardLogger` use it."""
+        if not callable(listener):
+            raise TypeError(f"a listener must be callable as listener(scope, record, new_alerts), got {listener!r}")
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener) -> None:
+        """Stop calling ``listener`` (no error if it was not added)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def dead_units(self) -> dict[str, torch.Tensor]:
         """``{ReLU call site: indices of its dead units}`` (CPU tensors; one transfer, at your call).
@@ -381,6 +402,8 @@ class Scope(Run):
             self._overflow_streak = 0
             new = self._book.update([a for d in self.detectors for a in d.check(record, self.meta["layers"])])
         self.history.append(record)
+        for listener in list(self._listeners):
+            listener(self, record, new)
         self._book.raise_if_needed(new)
         return new
 
@@ -505,6 +528,7 @@ class Scope(Run):
                      for site, k, total in zip(sat_sites, got.get("saturated", []), got.get("sat_total", []))}
         scale = got["scale"][0] if scale_t is not None else 1.0
         grad_scale = 1.0 if scale_t is None or _grads_already_unscaled(scaler) else scale
+        self.grad_divisor = grad_scale
 
         bad = [k for k in range(n) if not math.isfinite(g_norm[k])]
         nonfinite = dict(zip(bad, nonfinite_counts([grads[k] for k in bad]))) if bad else {}

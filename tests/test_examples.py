@@ -53,7 +53,8 @@ def test_overhead_benchmark_script_runs_tiny():
     tables, phase_tables = tables.split("mlp20: median ms per phase")
     assert "| gradscope step() | 0.00 |" in phase_tables and "lstm: median ms per phase" in phase_tables
     rows = [line for line in tables.splitlines() if line.startswith("| ") and "monitor" not in line]
-    assert len(rows) == 10 and rows[0].startswith("| plain | ") and "| 1.000 | 1.000 |" in rows[0]
+    assert len(rows) >= 10 and len(rows) % 2 == 0  # 5 monitors per model, and the peers that are installed
+    assert rows[0].startswith("| plain | ") and "| 1.000 | 1.000 |" in rows[0]
     assert any(line.startswith("| gradscope every=10 |") for line in rows)
     assert [line.split("|")[1].strip() for line in growth.splitlines() if line[:2] == "| " and "step" not in line
             and not line.startswith("|---")] == ["1", "2", "3", "4", "5"]
