@@ -4,9 +4,9 @@
 
 Monitors: plain training, gradscope every=1, every=10, every=1 with all optional extra_stats (max |g|, zero
 fraction, weight norms), a per-parameter .item() loop, TensorBoard add_histogram per parameter, wandb.watch offline.
-Each trains its own copy of the model (same weights, same batches); the script runs one step of each in turn, the
-order rotating every cycle, for --steps x --rounds cycles after --warmup, so a slow phase of a shared machine hits all
-monitors alike. "x plain (median)" is the median over cycles of the step time over plain's step time in the same
+Each trains its own copy of the model (same weights, same batches); the script runs one step of each in turn, in a
+new random order every cycle, for --steps x --rounds cycles after --warmup, so a slow phase of a shared machine hits
+all monitors alike. "x plain (median)" is the median over cycles of the step time over plain's step time in the same
 cycle: the typical step. "x plain (mean)" is the ratio of mean step times: the amortised cost, which is what every=10
 changes. Peers that are not installed are skipped with a note; they are never dependencies of gradscope.
 Memory: the peak working memory of 3 steps of each monitor alone, above what was in use before them (CUDA:
@@ -21,6 +21,7 @@ import copy
 import json
 import logging
 import math
+import random
 import os
 import statistics
 import subprocess
@@ -172,8 +173,8 @@ def _status_mib(field: str) -> float:
 
 
 def bench(name, args, device, monitors):
-    """Each monitor trains its own copy of the model (same weights, same batches); one step of each in turn, the order
-    rotating every cycle, so slow phases of a shared machine hit every monitor alike. Ratios are per cycle."""
+    """Each monitor trains its own copy of the model (same weights, same batches); one step of each in turn, in a new
+    random order every cycle, so slow phases of a shared machine hit every monitor alike. Ratios are per cycle."""
     make, batch, shape = MODELS[name]
     batch = args.batch_size or batch
     torch.manual_seed(0)
@@ -190,9 +191,11 @@ def bench(name, args, device, monitors):
     times = {m.name: [] for m in monitors}
     try:
         cycles = 0 if args.memory_only else args.warmup + args.steps * args.rounds
+        order = random.Random(0)
         for i in range(cycles):
-            k = i % len(runs)
-            for m, model, opt in runs[k:] + runs[:k]:
+            # a fresh random order each cycle: no monitor always runs right after the same one (TensorBoard's writer
+            # thread, say, slows whichever step comes next)
+            for m, model, opt in order.sample(runs, len(runs)):
                 t = train_step(model, opt, m, batches[i % len(batches)], i, device)
                 if i >= args.warmup:
                     times[m.name].append(t)
