@@ -2,14 +2,18 @@
 
     python examples/train_cifar10.py --model plain56 --steps 300
     python examples/train_cifar10.py --model rnn-pixels --steps 50 --lr 1e-3
+    torchrun --nproc_per_node=2 examples/train_cifar10.py --model resnet20   # DDP: gloo on CPU, NCCL on CUDA
 
 The full comparison runner is `gradscope compare` (python -m gradscope.compare); this is the same loop, unadorned.
 """
 
 import argparse
+import os
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import gradscope
 from gradscope.data import Batches, load_cifar10
@@ -27,11 +31,23 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
 
-    torch.manual_seed(0)
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # started by torchrun: one process per rank, each on its own shard of the data
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        rank = dist.get_rank()
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(args.device)
+    torch.manual_seed(0)  # the same initial weights on every rank
     data = load_cifar10(args.data_dir, train_subset=args.subset, test_subset=1000)
     model = build_model(args.model).to(args.device)
+    if world > 1:
+        model = DistributedDataParallel(model, device_ids=[args.device] if args.device.startswith("cuda") else None)
+        if rank == 0:
+            print(f"DDP over {world} processes, {args.batch_size} images per process and step")
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    batches = Batches(data.train_images, data.train_labels, args.batch_size, args.device, augment=True)
+    batches = Batches(data.train_images[rank::world], data.train_labels[rank::world], args.batch_size, args.device,
+                      augment=True, seed=rank)
 
     scope = gradscope.watch(model, optimizer=optimizer)  ### the one added line: steps close at optimizer.step()
     for step in range(args.steps):
@@ -40,10 +56,13 @@ def main(argv=None):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 50 == 0:
+        if step % 50 == 0 and rank == 0:
             print(f"step {step:4d}  loss {loss.item():.3f}")
-    print(scope.summary())  ### and what it found
+    if rank == 0:
+        print(scope.summary())  ### and what it found (the same on every rank under DDP)
     scope.detach()
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class AlertBook:
     raise_on: frozenset = frozenset()
     max_alerts: int = 10_000
     rearm_after: int = 10
+    log: bool = True  # log new alerts to the "gradscope" logger (False on ranks other than 0 under torch.distributed)
     alerts: list = field(default_factory=list)
     dropped: int = 0
     _clear_for: dict = field(default_factory=dict)  # key of an open episode -> collected steps it has been clear
@@ -99,7 +100,8 @@ class AlertBook:
                         del self._clear_for[key]
         for key in now:
             self._clear_for[key] = 0
-        log_alerts(new)
+        if self.log:
+            log_alerts(new)
         for a in new:
             if len(self.alerts) >= self.max_alerts:
                 self.alerts.pop(0)

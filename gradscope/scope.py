@@ -101,10 +101,85 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
-    """The module inside a ``torch.compile(model)`` wrapper: its hooks fire in the compiled forward, and its layer
-    names are the user's (``"0"``, not ``"_orig_mod.0"``)."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
+    """The module inside a ``torch.compile(model)``, ``DistributedDataParallel`` or ``DataParallel`` wrapper: its
+    hooks fire when the wrapper runs, and its layer names are the user's (``"0"``, not ``"module.0"``)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = inner
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _world_size() -> int:
+    """Processes in the default ``torch.distributed`` group (1 when it is not initialised)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _reduce_across_ranks(c) -> None:
+    """Make this step's activation-side buffers those of all ranks together, identical on every rank.
+
+    One ``all_reduce`` (SUM) of every site's numbers in one float64 vector, preceded by a check that all ranks hold
+    the same number of them (else the collective would hang or mix sites). Dead-unit counts and sample counts,
+    saturation counts, totals and sizes and output checks add up over ranks, so "dead" means dead on every rank's
+    data. Backprop signals and through-time profiles are of the loss DDP optimises, the mean of the ranks' losses:
+    dLoss/d(output) on rank r is 1/W of its local gradient, so squared norms add up divided by W**2 (equal per-rank
+    batches make the through-time batch mean the same). Parameter gradients need nothing: DDP all-reduced them.
+    """
+    dist = torch.distributed
+    world = dist.get_world_size()
+    sig_sites, sig = sum_by_key(c.signal_parts) if c.signal_parts else ([], None)
+    out_sites, out = sum_by_key(c.output_parts) if c.output_parts else ([], None)
+    sat_sites, sat_k = sum_by_key(c.saturation_parts, 1) if c.saturation_parts else ([], None)
+    sat_tot = sum_by_key(c.saturation_parts, 2)[1] if c.saturation_parts else None
+    sat_numel: dict = {}
+    for site, _, _, numel in c.saturation_parts:
+        sat_numel[site] = sat_numel.get(site, 0) + numel
+    time_sites = list(c.through_time)
+    pieces = [t for t in (sig, out, sat_k, sat_tot) if t is not None]
+    pieces += [counts for _, counts, _ in c.dead_parts] + [c.through_time[s].profile for s in time_sites]
+    if not pieces:
+        return
+    device = pieces[0].device
+    host = [float(v) for v in sat_numel.values()] + [float(n) for _, _, n in c.dead_parts]
+    flat = torch.cat([t.reshape(-1).to(device, torch.float64) for t in pieces] +
+                     [torch.tensor(host, dtype=torch.float64, device=device)])
+    size = torch.tensor([flat.numel(), -flat.numel()], dtype=torch.float64, device=device)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX)
+    if size[0].item() != -size[1].item():
+        raise RuntimeError("gradscope: the ranks collected different call sites this step (a branch taken on some "
+                           "ranks only?); every rank must call the same modules in the same order, as DDP itself "
+                           "expects without find_unused_parameters")
+    dist.all_reduce(flat)
+    parts = list(flat.split([t.numel() for t in pieces] + [len(host)]))
+    host_sums = [int(round(v)) for v in parts.pop().tolist()]
+    k = 0
+    if sig is not None:
+        c.signal_parts = list(zip(sig_sites, (parts[k] / world ** 2).float()))
+        k += 1
+    if out is not None:
+        c.output_parts = list(zip(out_sites, parts[k].float()))
+        k += 1
+    if sat_k is not None:
+        numel = dict(zip(sat_numel, host_sums[:len(sat_numel)]))
+        c.saturation_parts = [(site, kk, tot, numel[site])
+                              for site, kk, tot in zip(sat_sites, parts[k].float(), parts[k + 1].float())]
+        k += 2
+    ns = host_sums[len(sat_numel):]
+    c.dead_parts = [(site, parts[k + i].float(), n) for i, ((site, _, _), n) in enumerate(zip(c.dead_parts, ns))]
+    k += len(ns)
+    for site in time_sites:
+        tracker = c.through_time[site]
+        tracker.profile = (parts[k] / world ** 2).to(tracker.profile.dtype).reshape(tracker.profile.shape)
+        k += 1
 
 
 def _scale_tensor(scaler):
@@ -218,7 +293,7 @@ class Scope(Run):
         self._params = params
         self._module_info = module_info
         self._param_layers = [m for m in module_info if module_info[m]["params"]]
-        self._book = AlertBook(raise_on=raise_on)
+        self._book = AlertBook(raise_on=raise_on, log=_rank() == 0)  # every rank detects alike; rank 0 logs
         self._num_steps = 0
         self._layers_seen = -1
         self._warned_no_backward = False
@@ -468,6 +543,8 @@ class Scope(Run):
         scale_t = _scale_tensor(scaler) if scale_t is None else scale_t
         use_snapshot = self._snapshot is not None and self._snapshot_step == step - 1
         extra = self._extra
+        if _world_size() > 1:
+            _reduce_across_ranks(c)
 
         # fold this step's ReLU counts into the dead-unit states: a site observed k times is updated in k rounds
         rounds: list[list] = []

@@ -1,0 +1,114 @@
+"""DDP on 2 processes (gloo, CPU): statistics identical on both ranks, and equal to one process on the union batch."""
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import gradscope
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, BATCH, WINDOW = 3, 8, 16
+ONLY_RANK1 = 5  # a unit that fires only when input feature 0 > 0: never on rank 0's data, sometimes on rank 1's
+
+
+def make_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Sigmoid(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].bias[:4] = -100.0  # dead on every rank
+        model[0].weight[ONLY_RANK1] = 0.0
+        model[0].weight[ONLY_RANK1, 0] = 1.0
+        model[0].bias[ONLY_RANK1] = 0.0
+    model[0].weight.register_hook(lambda g: g.index_fill(0, torch.tensor([ONLY_RANK1]), 0.0))  # keep it as built
+    return model
+
+
+def batches(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    out = []
+    for _ in range(STEPS):
+        x = torch.randn(BATCH, 6, generator=g)
+        x[:, 0] = x[:, 0].abs() if rank == 1 else -x[:, 0].abs()
+        out.append((x, torch.randint(0, 3, (BATCH,), generator=g)))
+    return out
+
+
+def worker(rank, world, init_file, out_dir):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no dependence on how the hostname resolves
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ddp = DistributedDataParallel(make_model())
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        scope = gradscope.watch(ddp, dead_window=WINDOW)  # the DDP wrapper: its module is watched
+        assert scope.model is ddp.module
+        for x, y in batches(rank):
+            opt.zero_grad()
+            F.cross_entropy(ddp(x), y).backward()
+            scope.step()
+            opt.step()
+        scope.save(f"{out_dir}/rank{rank}.jsonl")
+        scope.detach()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_agree_with_one_process_on_the_union(tmp_path):
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [gradscope.load(tmp_path / f"rank{r}.jsonl") for r in (0, 1)]
+
+    model = make_model()  # one process, each step on both ranks' batches: the same mean loss, the same updates
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, dead_window=WINDOW)
+    for (x0, y0), (x1, y1) in zip(batches(0), batches(1)):
+        opt.zero_grad()
+        F.cross_entropy(model(torch.cat([x0, x1])), torch.cat([y0, y1])).backward()
+        scope.step()
+        opt.step()
+
+    keys = ("dead_fraction", "dead_units", "fire_rate", "saturation", "mean_output", "grad_norm", "backprop_signal")
+    print("\nstep  site  key              rank 0        rank 1        one process (union)")
+    for step in range(STEPS):
+        want = scope.history[step].layers
+        got0, got1 = ranks[0].history[step].layers, ranks[1].history[step].layers
+        assert got0.keys() == got1.keys() == want.keys()
+        for layer, st in want.items():
+            for key in keys:
+                if key not in st:
+                    continue
+                a, b, w = got0[layer][key], got1[layer][key], st[key]
+                assert a == b, (step, layer, key)  # every rank reports the same numbers
+                assert a == pytest.approx(w, rel=1e-5, abs=1e-9), (step, layer, key)
+                if layer == "1" or key == "backprop_signal" and layer == "2":
+                    print(f"{step:>4}  {layer:>4}  {key:<15} {a:<13.6g} {b:<13.6g} {w:.6g}")
+    # unit 5 never fires on rank 0's data but does on rank 1's: not dead, since dead means dead on every rank's data
+    assert ranks[0].latest()["1"]["dead_units"] == 4 and scope.dead_units()["1"].tolist() == [0, 1, 2, 3]
+    assert all(math.isfinite(v) for v in (ranks[0].latest()["2"]["backprop_signal"],))
+    scope.detach()
+
+
+def test_cifar10_runner_under_torchrun(tmp_path):
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={port}",
+                           str(ROOT / "examples/train_cifar10.py"), "--model", "plain20", "--steps", "3",
+                           "--batch-size", "16", "--subset", "64", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DDP over 2 processes" in proc.stdout
+    assert proc.stdout.count("gradscope summary: CifarResNet") == 1  # rank 0 prints, once
+    assert "layer1.0.relu2" in proc.stdout and "module." not in proc.stdout  # the user's names, not DDP's
