@@ -62,6 +62,7 @@ def main(argv=None):
         print(scope.summary())  ### and what it found (the same on every rank under DDP)
     scope.detach()
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -77,6 +78,21 @@ def optimiser(name: str, model, lr: float | None):
     return torch.optim.SGD(model.parameters(), lr=lr or 0.01, momentum=0.9), None
 
 
+def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """``(rank, world size, device)``: under torchrun (``WORLD_SIZE`` > 1) join the process group, gloo on CPU and
+    NCCL on CUDA, one GPU per local rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    dist = torch.distributed
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,26 +113,37 @@ def evaluate(model, images, labels, device, batch_size=500):
     return loss / len(labels), correct / len(labels)
 
 
-def train(name: str, data, cfg: Config, run_dir: Path, device) -> dict:
-    """Train one model with gradscope attached; write its run directory; return its comparison row."""
-    torch.manual_seed(cfg.seed)
+def train(name: str, data, cfg: Config, run_dir: Path, device, rank: int = 0, world: int = 1) -> dict:
+    """Train one model with gradscope attached; write its run directory; return its comparison row.
+
+    Under torchrun (``world`` > 1) the model is wrapped in DistributedDataParallel and each rank trains on its own
+    shard of the images (``cfg.batch_size`` per rank); rank 0 writes the files (the gradscope records are the same
+    on every rank; the train loss/accuracy columns are rank 0's shard's).
+    """
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(name).to(device)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     opt, clip = optimiser(name, model, cfg.lr)
-    batches = Batches(data.train_images, data.train_labels, cfg.batch_size, device, cfg.augment, cfg.seed)
-    per_epoch = max(1, len(data.train_images) // batches.batch_size)
+    batches = Batches(data.train_images[rank::world], data.train_labels[rank::world], cfg.batch_size, device,
+                      cfg.augment, cfg.seed + rank)
+    per_epoch = max(1, len(data.train_images) // (batches.batch_size * world))
     steps = cfg.steps if cfg.steps is not None else max(1, round((cfg.epochs or 1) * per_epoch))
     eval_at = {min(steps, round(steps * (k + 1) / cfg.evals)) for k in range(cfg.evals)}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({**asdict(cfg), "model": name, "steps": steps, "device": str(device),
-                                                     "data": data.source, "torch": torch.__version__}, indent=2))
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(
+            {**asdict(cfg), "model": name, "steps": steps, "device": str(device), "data": data.source,
+             "torch": torch.__version__, "processes": world}, indent=2))
 
-    scope = gradscope.watch(model, every=cfg.every)
-    bar = _progress(steps, name, cfg.progress)
+    scope = gradscope.watch(net, every=cfg.every)
+    bar = _progress(steps, name, cfg.progress and rank == 0)
     metrics, recent = [], []  # recent: (loss, correct, n) of the last evaluation interval, as device tensors
     start = tick = time.perf_counter()
     for step in range(1, steps + 1):
         x, y = next(batches)
-        logits = model(x)
+        logits = net(x)
         loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -144,6 +171,8 @@ def train(name: str, data, cfg: Config, run_dir: Path, device) -> dict:
         bar.close()
     wall = time.perf_counter() - start
     scope.detach()
+    if rank != 0:
+        return {}
     scope.save(run_dir / "gradscope.jsonl")
     (run_dir / "summary.txt").write_text(scope.summary() + "\n")
     with open(run_dir / "metrics.csv", "w", newline="") as f:
@@ -205,7 +234,7 @@ def format_table(rows: list[dict]) -> str:
 
 def run(cfg: Config) -> tuple[Path, list[dict]]:
     """Run every model of the configuration; return the output directory and the comparison rows."""
-    device = resolve_device(cfg.device)
+    rank, world, device = _distributed(resolve_device(cfg.device))
     for name in cfg.models:
         build_model(name)  # fail on a bad name before any data is loaded or any model trained
     if cfg.synthetic:
@@ -213,12 +242,21 @@ def run(cfg: Config) -> tuple[Path, list[dict]]:
         data = synthetic_cifar10(cfg.subset or 5000, cfg.test_subset or 1000, cfg.seed)
     else:
         data = load_cifar10(cfg.data_dir, cfg.cache_dir, cfg.download, cfg.subset, cfg.test_subset, cfg.seed)
-    print(f"data: {data.source}: {len(data.train_images)} train / {len(data.test_images)} test images; "
-          f"device: {device}")
-    out = Path(cfg.out) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.preset or 'custom'}"
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    if world > 1:  # rank 0's name for the output directory, on every rank
+        names = [stamp]
+        torch.distributed.broadcast_object_list(names, src=0)
+        stamp = names[0]
+    out = Path(cfg.out) / f"{stamp}-{cfg.preset or 'custom'}"
+    if rank == 0:
+        print(f"data: {data.source}: {len(data.train_images)} train / {len(data.test_images)} test images; "
+              f"device: {device}" + (f", DDP over {world} processes ({cfg.batch_size} images each per step)"
+                                     if world > 1 else ""))
     rows = []
     for name in cfg.models:
-        rows.append(train(name, data, cfg, out / name, device))
+        rows.append(train(name, data, cfg, out / name, device, rank, world))
+    if rank != 0:
+        return out, rows
     table = format_table(rows)
     header = (f"gradscope compare: {cfg.preset or 'custom'} on {device}, data: {data.source}, "
               f"batch {cfg.batch_size}, seed {cfg.seed}")
@@ -306,7 +344,13 @@ def config_from_args(argv=None) -> Config:
 def main(argv=None) -> int:
     cfg = config_from_args(argv)
     logging.getLogger("gradscope").setLevel(logging.ERROR)  # the table shows the alerts; warnings would drown the bars
-    run(cfg)
+    try:
+        run(cfg)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 writes the tables and figures while the others wait
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -53,7 +53,7 @@ def watched_by(model: nn.Module) -> "Scope | None":
 def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer | None = None, scaler=None,
           detectors: list | None = None, raise_on=(), history: int = 2000, dead_window: int = 1000,
           saturation_eps: float = 0.02, unit_dims: dict | None = None, functional: bool = True,
-          update_ratio: bool = False, extra_stats=()) -> "Scope":
+          update_ratio: bool = False, extra_stats=(), log_all_ranks: bool = False) -> "Scope":
     """Attach gradscope to ``model`` and return the :class:`Scope` that monitors it.
 
     Two ways to close a step:
@@ -90,6 +90,8 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
             ``"grad_zero_frac"``, ``"weight_norm"``) or ``"all"``. Each costs a full pass over every gradient or
             weight per collected step; the defaults (gradient norms, backprop signal, activation statistics) are what
             the detectors use.
+        log_all_ranks: under ``torch.distributed``, log new alerts to the ``"gradscope"`` logger on every rank
+            (default: rank 0 only; every rank records and raises the same alerts either way).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` (or ``optimizer``/``scaler`` are of the wrong type).
@@ -97,7 +99,8 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
     """
     return Scope(model, every=every, optimizer=optimizer, scaler=scaler, detectors=detectors, raise_on=raise_on,
                  history=history, dead_window=dead_window, saturation_eps=saturation_eps, unit_dims=unit_dims,
-                 functional=functional, update_ratio=update_ratio, extra_stats=extra_stats)
+                 functional=functional, update_ratio=update_ratio, extra_stats=extra_stats,
+                 log_all_ranks=log_all_ranks)
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
@@ -236,7 +239,7 @@ class Scope(Run):
 
     def __init__(self, model, every=1, *, optimizer=None, scaler=None, detectors=None, raise_on=(), history=2000,
                  dead_window=1000, saturation_eps=0.02, unit_dims=None, functional=True, update_ratio=False,
-                 extra_stats=()):
+                 extra_stats=(), log_all_ranks=False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradscope.watch() expects a torch.nn.Module, got {type(model).__name__}; "
                             "pass the model itself, e.g. gradscope.watch(model)")
@@ -293,7 +296,7 @@ class Scope(Run):
         self._params = params
         self._module_info = module_info
         self._param_layers = [m for m in module_info if module_info[m]["params"]]
-        self._book = AlertBook(raise_on=raise_on, log=_rank() == 0)  # every rank detects alike; rank 0 logs
+        self._book = AlertBook(raise_on=raise_on, log=log_all_ranks or _rank() == 0)  # every rank detects alike
         self._num_steps = 0
         self._layers_seen = -1
         self._warned_no_backward = False

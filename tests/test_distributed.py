@@ -60,6 +60,7 @@ def worker(rank, world, init_file, out_dir):
             opt.step()
         scope.save(f"{out_dir}/rank{rank}.jsonl")
         scope.detach()
+        dist.barrier()  # neither rank tears its connections down while the other still uses them
     finally:
         dist.destroy_process_group()
 
@@ -98,17 +99,33 @@ def test_two_ranks_agree_with_one_process_on_the_union(tmp_path):
     scope.detach()
 
 
-def test_cifar10_runner_under_torchrun(tmp_path):
+def torchrun(args, cwd):
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={port}",
-                           str(ROOT / "examples/train_cifar10.py"), "--model", "plain20", "--steps", "3",
-                           "--batch-size", "16", "--subset", "64", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+                           "--master_addr=127.0.0.1", f"--master_port={port}", *args],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_gradscope_compare_under_torchrun(tmp_path):
+    proc = torchrun(["-m", "gradscope.cli", "compare", "--models", "mlp3-relu-kaiming", "plain8", "--steps", "4",
+                     "--subset", "64", "--test-subset", "32", "--batch-size", "16", "--device", "cpu", "--out",
+                     str(tmp_path), "--no-progress"], tmp_path)
+    assert "DDP over 2 processes (16 images each per step)" in proc.stdout
+    assert proc.stdout.count("gradscope compare:") == 1  # the table, from rank 0 only
+    (out,) = [p for p in tmp_path.iterdir() if p.is_dir()]  # one output directory, named by rank 0
+    run = gradscope.load(out / "plain8" / "gradscope.jsonl")
+    assert run.history.steps == [0, 1, 2, 3] and "layer1.0.relu1" in run.latest()
+    assert '"processes": 2' in (out / "plain8" / "config.json").read_text()
+
+
+def test_cifar10_runner_under_torchrun(tmp_path):
+    proc = torchrun([str(ROOT / "examples/train_cifar10.py"), "--model", "plain20", "--steps", "3",
+                     "--batch-size", "16", "--subset", "64", "--device", "cpu"], tmp_path)
     assert "DDP over 2 processes" in proc.stdout
     assert proc.stdout.count("gradscope summary: CifarResNet") == 1  # rank 0 prints, once
     assert "layer1.0.relu2" in proc.stdout and "module." not in proc.stdout  # the user's names, not DDP's
