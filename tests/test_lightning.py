@@ -92,3 +92,14 @@ def test_alerts_warn_from_rank_zero(tmp_path):
 def test_bad_arguments():
     with pytest.raises(TypeError, match="do not pass optimizer="):
         GradscopeCallback(optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1))
+
+
+def test_mixed_precision_trainer(tmp_path):
+    # on CPU Lightning runs bf16 autocast (fp16 with a GradScaler needs CUDA): statistics of the fp32 master grads
+    model = Classifier()
+    callback = GradscopeCallback(warn=False)
+    trainer(tmp_path, callback, precision="bf16-mixed").fit(model, loader())
+    assert callback.scope.num_steps == 6 and all(not r.info["overflow"] for r in callback.scope.history)
+    for step, record in enumerate(callback.scope.history):
+        assert rel_close(record.layers["net.0"]["grad_norm"], model.grads[step], 1e-5)
+        assert record.layers["net.1"]["units"] == 16 and math.isfinite(record.layers["net.3"]["saturation"])
