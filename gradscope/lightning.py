@@ -52,7 +52,8 @@ class GradscopeCallback(Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._detach()
-        self.scope = watch(pl_module, every=self.every, raise_on=self.raise_on, **self.watch_kwargs)
+        kwargs = {"reduce_ranks": trainer.world_size > 1, **self.watch_kwargs}  # DDP strategies: one scope per rank
+        self.scope = watch(pl_module, every=self.every, raise_on=self.raise_on, **kwargs)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         scope = self.scope

@@ -53,7 +53,8 @@ def watched_by(model: nn.Module) -> "Scope | None":
 def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer | None = None, scaler=None,
           detectors: list | None = None, raise_on=(), history: int = 2000, dead_window: int = 1000,
           saturation_eps: float = 0.02, unit_dims: dict | None = None, functional: bool = True,
-          update_ratio: bool = False, extra_stats=(), log_all_ranks: bool = False) -> "Scope":
+          update_ratio: bool = False, extra_stats=(), log_all_ranks: bool = False,
+          reduce_ranks: bool | None = None) -> "Scope":
     """Attach gradscope to ``model`` and return the :class:`Scope` that monitors it.
 
     Two ways to close a step:
@@ -91,7 +92,11 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
             weight per collected step; the defaults (gradient norms, backprop signal, activation statistics) are what
             the detectors use.
         log_all_ranks: under ``torch.distributed``, log new alerts to the ``"gradscope"`` logger on every rank
-            (default: rank 0 only; every rank records and raises the same alerts either way).
+            (default: rank 0 only).
+        reduce_ranks: sum the activation-side numbers over the ranks of ``torch.distributed`` (one ``all_reduce`` per
+            collected step, which every rank must reach), so that every rank holds the same records and alerts.
+            Default: when ``model`` is a ``DistributedDataParallel`` wrapper. Pass True when you watch the module
+            inside one yourself; a scope on one rank only (an evaluation model on rank 0) must not reduce.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` (or ``optimizer``/``scaler`` are of the wrong type).
@@ -100,17 +105,18 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
     return Scope(model, every=every, optimizer=optimizer, scaler=scaler, detectors=detectors, raise_on=raise_on,
                  history=history, dead_window=dead_window, saturation_eps=saturation_eps, unit_dims=unit_dims,
                  functional=functional, update_ratio=update_ratio, extra_stats=extra_stats,
-                 log_all_ranks=log_all_ranks)
+                 log_all_ranks=log_all_ranks, reduce_ranks=reduce_ranks)
 
 
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """The module inside a ``torch.compile(model)``, ``DistributedDataParallel`` or ``DataParallel`` wrapper: its
-    hooks fire when the wrapper runs, and its layer names are the user's (``"0"``, not ``"module.0"``)."""
+def _uncompiled(model: nn.Module, ddp: bool = True) -> nn.Module:
+    """The module inside a ``torch.compile(model)``, ``DistributedDataParallel`` or ``DataParallel`` wrapper (with
+    ``ddp=False``: inside compile wrappers only): its hooks fire when the wrapper runs, and its layer names are the
+    user's (``"0"``, not ``"module.0"``)."""
     while True:
         inner = getattr(model, "_orig_mod", None)
         if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
             model = inner
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        elif ddp and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         else:
             return model
@@ -239,10 +245,12 @@ class Scope(Run):
 
     def __init__(self, model, every=1, *, optimizer=None, scaler=None, detectors=None, raise_on=(), history=2000,
                  dead_window=1000, saturation_eps=0.02, unit_dims=None, functional=True, update_ratio=False,
-                 extra_stats=(), log_all_ranks=False):
+                 extra_stats=(), log_all_ranks=False, reduce_ranks=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradscope.watch() expects a torch.nn.Module, got {type(model).__name__}; "
                             "pass the model itself, e.g. gradscope.watch(model)")
+        if reduce_ranks is None:
+            reduce_ranks = isinstance(_uncompiled(model, ddp=False), nn.parallel.DistributedDataParallel)
         model = _uncompiled(model)
         if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
             raise ValueError(f"every must be a positive int (collect on every N-th step), got {every!r}; e.g. every=10")
@@ -306,6 +314,7 @@ class Scope(Run):
 
         self._optimizer = optimizer
         self._listeners: list = []
+        self._reduce_ranks = bool(reduce_ranks)
         self.grad_divisor = 1.0
         """What this collected step's ``.grad`` values were divided by for the statistics (the AMP loss scale when
         the gradients were still scaled, else 1): listeners that read ``.grad`` themselves divide by it too."""
@@ -546,7 +555,7 @@ class Scope(Run):
         scale_t = _scale_tensor(scaler) if scale_t is None else scale_t
         use_snapshot = self._snapshot is not None and self._snapshot_step == step - 1
         extra = self._extra
-        if _world_size() > 1:
+        if self._reduce_ranks and _world_size() > 1:
             _reduce_across_ranks(c)
 
         # fold this step's ReLU counts into the dead-unit states: a site observed k times is updated in k rounds

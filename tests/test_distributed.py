@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,31 @@ def test_cifar10_runner_under_torchrun(tmp_path):
     assert "DDP over 2 processes" in proc.stdout
     assert proc.stdout.count("gradscope summary: CifarResNet") == 1  # rank 0 prints, once
     assert "layer1.0.relu2" in proc.stdout and "module." not in proc.stdout  # the user's names, not DDP's
+
+
+def solo_worker(rank, world, init_file, out_dir):
+    """A scope on rank 0 only, on a model that is not DDP-wrapped (an evaluation model, say): it must not reduce."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        if rank == 0:
+            model = make_model()
+            scope = gradscope.watch(model)
+            x, y = batches(0)[0]
+            F.cross_entropy(model(x), y).backward()
+            scope.step()  # would wait forever for rank 1 if it reduced
+            scope.save(f"{out_dir}/solo.jsonl")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_scope_on_one_rank_only_does_not_reduce(tmp_path):
+    ctx = mp.spawn(solo_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:  # a reducing scope would wait for rank 1 forever: fail, do not hang
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the scope on rank 0 waited for rank 1: it reduced across ranks")
+    assert gradscope.load(tmp_path / "solo.jsonl").history.steps == [0]
