@@ -145,7 +145,7 @@ class Collector:
         self.dead: dict[str, DeadUnits] = self.dead_bank.sites
         self.through_time: dict[str, ThroughTime] = {}
         self.observed: set[str] = set()  # activation sites seen this step
-        self.dead_window, self.saturation_eps = dead_window, saturation_eps
+        self.saturation_eps = saturation_eps
         self.unit_dims = dict(unit_dims or {})
         self.module_kinds: dict[str, str] = {}
         self.inplace_modules: set[str] = set()

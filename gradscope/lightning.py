@@ -10,7 +10,6 @@ trainer's loggers from global rank 0, and detaches when fit ends or fails. Needs
 
 from __future__ import annotations
 
-import math
 import warnings
 
 try:
@@ -18,6 +17,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without lightning
     raise ImportError("gradscope.lightning needs Lightning: pip install lightning") from e
 
+from .record import _finite, layer_scalars
 from .scope import watch
 
 DEFAULT_LOG_STATS = ("grad_norm", "backprop_signal", "dead_fraction", "saturation")
@@ -69,13 +69,9 @@ class GradscopeCallback(Callback):
         record = scope.history.last
         metrics = {"gradscope/alerts": float(len(new))}
         factor = scope.decay_factor(record)
-        if math.isfinite(factor):
+        if _finite(factor):
             metrics["gradscope/decay_factor"] = factor
-        for layer, st in record.layers.items():
-            for stat in self.log_stats:
-                v = st.get(stat)
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    metrics[f"gradscope/{stat}/{layer or '(root)'}"] = float(v)
+        metrics.update((f"gradscope/{stat}/{layer}", v) for stat, layer, v in layer_scalars(record, self.log_stats))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         if self.warn:

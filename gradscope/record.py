@@ -51,6 +51,13 @@ def _finite(x) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def layer_scalars(record: "StepRecord", stats) -> list[tuple[str, str, float]]:
+    """``(statistic, layer, value)`` for each of ``stats`` a layer of ``record`` has with a finite value, the root
+    module named ``"(root)"``: what loggers (TensorBoard, Lightning's) write per step."""
+    return [(stat, name or "(root)", float(st[stat])) for name, st in record.layers.items()
+            for stat in stats if _finite(st.get(stat))]
+
+
 def signal_profile(record: StepRecord, layers: list[dict]) -> list[tuple[str, float]]:
     """``[(layer, backprop_signal)]`` for parameterised layers with a finite signal, input side first."""
     out = []

@@ -16,9 +16,7 @@ Needs the ``tensorboard`` package (``pip install tensorboard`` or ``pip install 
 
 from __future__ import annotations
 
-import math
-
-from .record import StepRecord
+from .record import StepRecord, _finite, layer_scalars
 
 DEFAULT_STATS = ("grad_norm", "grad_rms", "backprop_signal", "dead_fraction", "saturation", "through_time_ratio",
                  "update_ratio", "grad_max", "grad_zero_frac", "weight_norm")
@@ -69,18 +67,12 @@ class TensorBoardLogger:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         p, step = self.prefix, record.step
-        values = []
-        for name, st in record.layers.items():
-            layer = name or "(root)"
-            for stat in self.stats:
-                v = st.get(stat)
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    values.append(Summary.Value(tag=f"{p}.{stat}/{layer}", simple_value=float(v)))
-        factor = scope.decay_factor(record)
-        summary = {"decay_factor": factor, "new_alerts": float(len(alerts)),
+        values = [Summary.Value(tag=f"{p}.{stat}/{layer}", simple_value=v)
+                  for stat, layer, v in layer_scalars(record, self.stats)]
+        summary = {"decay_factor": scope.decay_factor(record), "new_alerts": float(len(alerts)),
                    "overflow": float(bool(record.info.get("overflow"))), "grad_scale": record.info.get("grad_scale")}
         values += [Summary.Value(tag=f"{p}.summary/{k}", simple_value=float(v))
-                   for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)]
+                   for k, v in summary.items() if _finite(v)]
         self.writer._get_file_writer().add_summary(Summary(value=values), step)
         if alerts:
             text = "\n\n".join(f"**{a.kind}** in `{a.layer or '(root)'}`: {a.message} *Remedy:* {a.hint}"
