@@ -224,7 +224,8 @@ class ThroughTime:
         self.profile: Tensor | None = None
 
     def observe_grad(self, grad: Tensor, batch_dim: int | None) -> None:
-        norms = torch.linalg.vector_norm(grad.detach(), dim=-1, dtype=torch.float32)  # (N, T), (T, N) or (T,)
+        # float64: the earliest steps of a plain RNN get gradients whose float32 squares underflow to 0
+        norms = torch.linalg.vector_norm(grad.detach(), dim=-1, dtype=torch.float64)  # (N, T), (T, N) or (T,)
         if batch_dim is not None:
             norms = norms.mean(dim=batch_dim)
         self.profile = norms if self.profile is None or self.profile.shape != norms.shape else self.profile + norms

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .record import Run
+from .detectors import Vanishing, default_detectors
 from .scope import _WATCHED, watch
 
 
@@ -54,6 +55,11 @@ def audit(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = Non
     saved_grads = {p: p.grad for p in model.parameters()}
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    if detectors is None:  # an audit sees one step: a vanishing condition needs no persistence there
+        detectors = default_detectors()
+        for d in detectors:
+            if isinstance(d, Vanishing):
+                d.patience = 1
     scope = watch(model, detectors=detectors)
     try:
         for p in saved_grads:

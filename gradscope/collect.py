@@ -145,6 +145,7 @@ class Collector:
         self.dead: dict[str, DeadUnits] = self.dead_bank.sites
         self.through_time: dict[str, ThroughTime] = {}
         self.observed: set[str] = set()  # activation sites seen this step
+        self.broadcast_sites: set[str] = set()  # sigmoid/tanh sites whose output broadcasts over positions: gates
         self.saturation_eps = saturation_eps
         self.unit_dims = dict(unit_dims or {})
         self.module_kinds: dict[str, str] = {}
@@ -407,6 +408,8 @@ class Collector:
             counts, total, n = fired_counts(out, self.unit_dims.get(site, unit_dim(out.ndim)), check)
             self.dead_parts.append((site, counts, n))
             return total
+        if out.ndim >= 3 and all(d == 1 for d in out.shape[2:]):
+            self.broadcast_sites.add(site)  # (N, C, 1, 1): a squeeze-excite style gate
         saturated, check, numel = saturation_counts(out, kind, self.saturation_eps)
         self.saturation_parts.append((site, saturated, check, numel))
         return check

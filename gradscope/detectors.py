@@ -2,35 +2,69 @@
 
 A detector is any object with a ``kind`` string and ``check(record, layers) -> list[Alert]``, where ``record`` is the
 :class:`~gradscope.record.StepRecord` of a collected step and ``layers`` the scope's layer table in forward order
-(dicts with ``name``, ``module`` class name, trainable ``params`` count, ``profile`` flag). ``check`` returns the
-conditions that hold *now*; the scope turns them into alerts that fire only when a condition starts. Pass your own
-list with ``watch(model, detectors=[...])`` to change thresholds or add detectors.
+(dicts with ``name``, ``module`` class name, trainable ``params`` count, ``profile`` flag, and ``role`` for activation
+sites that are gates or parts of another activation). ``check`` returns the conditions that hold *now*; the scope turns
+them into alerts that fire only when a condition starts. A detector with a ``context`` attribute gets the scope's
+:class:`Context` (what the model has, which optimizer trains it) in it. Pass your own list with
+``watch(model, detectors=[...])`` to change thresholds or add detectors.
 
-Depth-wise checks compare each parameterised layer's **backprop signal** (the norm of dLoss/d(layer output)) with the
-*output-side reference*: the median signal of the last quarter of parameterised layers in forward order. The gradient
-of layer i is that signal times the layer's input, so a signal that shrinks (grows) geometrically from the output to
-the input is the vanishing (exploding) gradient of the textbooks.
+Depth-wise checks read the **backprop signal** of each parameterised layer (the norm of dLoss/d(layer output)) along
+the forward order. Residual branches that are small by design (a zero-initialised last BatchNorm, layer scale, ReZero)
+carry a tiny signal while the residual stream beside them carries the gradient, so no check compares a layer with a
+median of its neighbours: the *output-side level* is the **largest** signal among the last quarter of parameterised
+layers (the residual stream, or the head), and a layer vanishes only when **every** layer from the input up to it gets
+less than ``ratio`` of that level -- the gradient has decayed along the main path and no path brings it back. The
+flagged layers are then always the input-side end of the network, which is where the textbooks' vanishing gradient is.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
+import re
+from collections import deque
 from dataclasses import dataclass, field
 
 from .alerts import Alert
 from .record import StepRecord, _finite, signal_profile
 
-SATURATING = {"Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid"}
+SATURATING = {"Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid", "F.sigmoid", "F.tanh"}
 RECURRENT = {"RNN", "RNNCell"}
+GATED = {"LSTM", "GRU", "LSTMCell", "GRUCell"}
 NORMS = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
-         "InstanceNorm3d", "RMSNorm", "SyncBatchNorm"}
+         "InstanceNorm3d", "RMSNorm", "SyncBatchNorm", "LayerNorm2d", "BatchNormAct2d", "GroupNormAct",
+         "FrozenBatchNorm2d", "LlamaRMSNorm", "T5LayerNorm"}
+ADAPTIVE = {"Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "SparseAdam", "Adafactor",
+            "Lamb", "LAMB", "Lion", "FusedAdam", "DeepSpeedCPUAdam", "AdamW8bit", "Adam8bit", "PagedAdamW"}
 
 
-def output_side_reference(profile: list[tuple[str, float]], fraction: float) -> float:
-    """Median signal of the last ``fraction`` of the profile (at least one layer)."""
+@dataclass
+class Context:
+    """What the scope knows about the model and its training, for the detectors' remedies and judgements.
+
+    Attributes:
+        has_norm: the model has normalisation layers (BatchNorm, LayerNorm, RMSNorm, ...).
+        has_residual: the model has residual connections (see :func:`gradscope.scope.has_residual`).
+        optimizer: class name of the optimizer when the scope knows it (``watch(..., optimizer=...)``), else None.
+        adaptive: whether that optimizer normalises updates per parameter (Adam family, RMSprop, Adagrad); None when
+            the optimizer is unknown.
+        eps: the smallest ``eps`` of its parameter groups (an adaptive optimizer's update shrinks below it).
+    """
+
+    has_norm: bool = False
+    has_residual: bool = False
+    optimizer: str | None = None
+    adaptive: bool | None = None
+    eps: float | None = None
+
+
+def output_side_reference(profile: list[tuple[str, float]], fraction: float = 0.25) -> float:
+    """The output-side level: the largest signal among the last ``fraction`` of the profile (at least one layer).
+
+    The largest, not a median: in a network whose residual branches are small by design the last layers are mostly
+    inside such branches, and only the largest signal there is the gradient the residual stream carries.
+    """
     k = max(1, int(round(len(profile) * fraction)))
-    return statistics.median(s for _, s in profile[-k:])
+    return max(s for _, s in profile[-k:])
 
 
 def _sites_with(record: StepRecord, layers: list[dict], key: str):
@@ -42,177 +76,300 @@ def _sites_with(record: StepRecord, layers: list[dict], key: str):
             yield e["name"], stats, value
 
 
-def _module_types(layers: list[dict]) -> set[str]:
-    return {e.get("module", "") for e in layers}
+def _entry(layers: list[dict], name: str) -> dict:
+    return next((e for e in layers if e["name"] == name), {})
 
 
-def vanishing_hint(layers: list[dict]) -> str:
-    types = _module_types(layers)
+def activation_after(layers: list[dict], name: str) -> str | None:
+    """The module class of the first activation site after layer ``name`` in forward order, before the next
+    parameterised layer (``"ReLU"``, ``"F.sigmoid"``, ...), or None."""
+    seen = False
+    for e in layers:
+        if seen:
+            if e.get("params"):
+                return None
+            if e.get("module") in SATURATING or e.get("module") in ("ReLU", "ReLU6", "F.relu") \
+                    and not e.get("role"):
+                return e["module"]
+        elif e["name"] == name:
+            seen = True
+    return None
+
+
+ADAM_NOTE = ("(gradscope does not know the optimizer: under Adam-family optimizers a small gradient still gives a "
+             "normal-size update, so pass optimizer= to watch() to let it judge from the update)")
+
+
+def vanishing_hint(layers: list[dict], name: str, context: Context) -> str:
+    """A remedy for a vanishing gradient at layer ``name``, from its own module, the activation after it and what
+    the model already has."""
+    module = _entry(layers, name).get("module", "")
     tips = []
-    if types & SATURATING:
-        tips.append("replace sigmoid/tanh with ReLU-family activations (ReLU, LeakyReLU, GELU) with Kaiming init, "
-                    "or at least use Xavier init for tanh")
+    if module in RECURRENT:
+        tips.append("use a gated recurrent layer (LSTM/GRU), clip gradients and initialise the recurrent weights "
+                    "orthogonally")
+    act = activation_after(layers, name)
+    if act in SATURATING:
+        tips.append("replace the sigmoid/tanh after it with a ReLU-family activation (ReLU, LeakyReLU, GELU) with "
+                    "Kaiming init, or at least use Xavier init for tanh")
     else:
-        tips.append("use Kaiming (ReLU-family) or Xavier (tanh) initialisation")
-    if types & RECURRENT:
-        tips.append("use a gated recurrent layer (LSTM/GRU) instead of a plain RNN")
-    if not types & NORMS:
+        tips.append("use Kaiming initialisation for ReLU-family layers (Xavier for tanh), so each layer keeps the "
+                    "gradient's scale")
+    if not context.has_norm:
         tips.append("add normalisation (BatchNorm/LayerNorm)")
-    tips.append("add residual connections so the gradient has a short path to early layers")
-    return "; ".join(tips) + "."
+    if not context.has_residual:
+        tips.append("add residual connections so the gradient has a short path to early layers")
+    text = "; ".join(tips) + "."
+    return text + (" " + ADAM_NOTE if context.adaptive is None else "")
 
 
 ZERO_HINT = ("look downstream for ReLUs that are all dead (lower the learning rate, or use LeakyReLU/GELU), for "
              ".detach() or torch.no_grad() in forward, or for a frozen zero-initialised layer.")
 
 
-def exploding_hint(layers: list[dict]) -> str:
-    types = _module_types(layers)
-    tips = ["clip the gradient norm (torch.nn.utils.clip_grad_norm_)", "lower the learning rate",
-            "check the initialisation scale (weights larger than identity amplify the gradient at every layer)"]
-    if not types & NORMS:
-        tips.append("add normalisation (BatchNorm/LayerNorm)")
-    if types & RECURRENT:
-        tips.append("use LSTM/GRU instead of a plain RNN")
-    return "; ".join(tips) + "."
+def _depth_message(depth: int, n: int, r: float, s: float, ref: float, more: str) -> str:
+    return (f"the gradient signal reaching this layer (depth {depth + 1} of {n}) and every layer before it is at most "
+            f"{r:.1e} of the output side's ({s:.2e} vs {ref:.2e}){more}")
 
 
 @dataclass
 class Vanishing:
-    """A layer receives almost no gradient.
+    """The gradient reaching the input-side layers along the network's main path is too small to train them.
 
-    Fires for a parameterised layer when its backprop signal is below ``ratio`` times the output-side reference, or
-    when its gradient RMS is below the absolute ``floor``.
+    Fires for parameterised layer i when the largest backprop signal among layers 0..i (input side first) is below
+    ``ratio`` times the output-side level (:func:`output_side_reference`). Layers in a branch that is small by design
+    never fire while the layers before the branch get the gradient. Whether the layer learns is judged from its update
+    where the scope knows it: with ``watch(..., update_ratio=True)`` the layer's ||dw|| / ||w|| must also be below
+    ``ratio`` times the largest on the output side; else, under a known adaptive optimizer (``watch(...,
+    optimizer=...)`` with Adam, RMSprop, ...), its gradient RMS must be below ``10 * eps`` of that optimizer -- above
+    it, Adam's update has its normal size and the layer learns.
 
     Defaults: ``ratio=1e-3`` -- under SGD such a layer moves a thousand times slower than the output layers (after
     1,000 steps it has moved as far as they move in one), which is "not learning" on any training budget; healthy
     Kaiming/ReLU MLPs and ResNets stay within a factor of ~10, while a 20-layer sigmoid MLP at PyTorch's default init
-    reaches ~1e-15. ``floor=1e-10`` -- a gradient RMS this small is below float32 resolution of any weight of order
-    1e-3 or larger, so the update is lost entirely (SageMaker's 1e-7 mean-|g| rule fires on healthy late training).
-    ``output_side=0.25`` -- the reference is the median of the last quarter of parameterised layers, robust to one
-    odd output layer.
+    reaches ~1e-15. ``output_side=0.25``: the last quarter of parameterised layers is the output side.
+    ``patience=5``: the condition must hold on 5 collected steps in a row, and ``recovery=2``: without the ratio growing
+    2-fold over them -- a vanishing gradient is a state, not a moment. A ViT with layer scale 1e-5 starts its patch
+    embedding at ~1e-6 of the output side (its gradient reaches it only through the scaled attention branches) and
+    climbs past 1e-3 within ~10 AdamW steps as the scales grow; a deep sigmoid MLP stays at ~1e-10.
 
-    An *exactly* zero gradient fires only when it persists over two collected steps: a zero-initialised layer
-    downstream (a ViT head, ``resnet(zero_init_residual=True)``) gives exact zeros upstream by design at step 0 and
-    clears after one update, whereas all-dead ReLUs or a detached graph keep it at zero.
+    An *exactly* zero gradient fires on any parameterised layer, on the path or not, when it persists over two
+    collected steps: a zero-initialised layer downstream (a ViT head, a zero-init residual branch) gives exact zeros
+    by design at step 0 and clears after one update, whereas all-dead ReLUs or a detached graph keep it at zero.
     """
 
     ratio: float = 1e-3
-    floor: float = 1e-10
+    patience: int = 5
+    recovery: float = 2.0
     output_side: float = 0.25
     kind: str = field(default="vanishing", init=False)
+    context: Context = field(default_factory=Context, repr=False, compare=False)
     _zero_before: set = field(default_factory=set, init=False, repr=False)
+    _held: dict = field(default_factory=dict, init=False, repr=False)
 
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
         out: dict[str, Alert] = {}
         zero_now: set[str] = set()
         profile = signal_profile(record, layers)
-        hint = vanishing_hint(layers)
+        ctx = self.context
 
         def zero(name: str, metric: str) -> None:
             zero_now.add(name)
             if name in self._zero_before:
-                out[name] = Alert(self.kind, name, record.step, 0.0, self.floor,
+                out[name] = Alert(self.kind, name, record.step, 0.0, 0.0,
                                   "it received exactly zero gradient on two consecutive collected steps: nothing "
                                   "downstream passes gradient back to it.", ZERO_HINT, metric)
 
+        held: dict[str, deque] = {}
         if len(profile) >= 2:
             ref = output_side_reference(profile, self.output_side)
-            if ref > 0:
-                for depth, (name, s) in enumerate(profile):
-                    r = s / ref
-                    if s == 0:
-                        zero(name, "backprop_signal_ratio")
-                    elif r < self.ratio:
-                        out[name] = Alert(
-                            self.kind, name, record.step, r, self.ratio,
-                            f"the gradient signal reaching this layer (depth {depth + 1} of {len(profile)}) is "
-                            f"{r:.1e} of the output-side layers' ({s:.2e} vs {ref:.2e}), so it barely learns.",
-                            hint, "backprop_signal_ratio")
+            k = max(1, int(round(len(profile) * self.output_side)))
+            updates = [record.layers[n].get("update_ratio") for n, _ in profile[-k:]]
+            update_ref = max((u for u in updates if _finite(u)), default=0.0)
+            best = 0.0
+            for depth, (name, s) in enumerate(profile[:-1]):
+                best = max(best, s)
+                if not ref > 0 or best >= self.ratio * ref:
+                    break  # every later layer has a path at least this good
+                st = record.layers[name]
+                rms, update = st.get("grad_rms"), st.get("update_ratio")
+                if _finite(update) and update_ref > 0:
+                    if update >= self.ratio * update_ref:
+                        continue  # its weights move at the output side's relative pace: it learns (update_ratio=True)
+                elif ctx.adaptive and ctx.eps is not None and _finite(rms) and rms >= 10 * ctx.eps:
+                    continue  # Adam rescales this gradient to a normal-size update
+                if best == 0:
+                    zero(name, "backprop_signal_ratio")
+                    continue
+                r = best / ref
+                ratios = held[name] = self._held.get(name) or deque(maxlen=self.patience)
+                ratios.append(r)
+                if len(ratios) < self.patience or r >= self.recovery * ratios[0]:
+                    continue  # not yet persistent, or recovering by itself (a warm-up of small-by-design paths)
+                n = len(profile)
+                out[name] = Alert(self.kind, name, record.step, r, self.ratio,
+                                  _depth_message(depth, n, r, s, ref, f" on {self.patience} collected steps in a row, "
+                                                 "so it barely learns."),
+                                  vanishing_hint(layers, name, ctx), "backprop_signal_ratio")
+        self._held = held
         for e in layers:
             stats = record.layers.get(e["name"], {})
             rms = stats.get("grad_rms")
             # layers not called this step (an unused branch whose .grad was zeroed in place) have no signal: skip
-            if not e.get("params") or not _finite(rms) or "backprop_signal" not in stats or e["name"] in out:
-                continue
-            if rms == 0:
+            if e.get("params") and rms == 0 and "backprop_signal" in stats and e["name"] not in out:
                 zero(e["name"], "grad_rms")
-            elif rms < self.floor:
-                out[e["name"]] = Alert(
-                    self.kind, e["name"], record.step, rms, self.floor,
-                    f"its gradient RMS is {rms:.1e}, below {self.floor:.0e}: its weights receive no usable update.",
-                    hint, "grad_rms")
         self._zero_before = zero_now
         return list(out.values())
 
 
+def exploding_hint(kind: str, layers: list[dict], name: str, context: Context) -> str:
+    """A remedy for an exploding gradient: ``kind`` is ``"spike"`` (a jump in time), ``"depth"`` (growth towards the
+    input) or ``"time"`` (growth back through a recurrent layer's time steps)."""
+    module = _entry(layers, name).get("module", "")
+    if kind == "spike":
+        tips = ["lower the learning rate (or add warm-up)", "clip the gradient norm (torch.nn.utils.clip_grad_norm_)",
+                "check that step's batch for corrupt or unnormalised input data"]
+    elif kind == "time":
+        tips = ["clip the gradient norm (torch.nn.utils.clip_grad_norm_, Pascanu et al. 2013)",
+                "initialise the recurrent weights orthogonally with gain <= 1"]
+        if module in RECURRENT:
+            tips.append("use LSTM/GRU instead of a plain RNN")
+    else:
+        tips = ["check the initialisation scale (weights larger than identity amplify the gradient at every layer; "
+                "use Kaiming/Xavier init)", "clip the gradient norm (torch.nn.utils.clip_grad_norm_)"]
+        if not context.has_residual:
+            tips.append("add residual connections (deep plain stacks with BatchNorm amplify the gradient towards the "
+                        "input at init)")
+    if kind != "spike" and not context.has_norm:
+        tips.append("add normalisation (BatchNorm/LayerNorm)")
+    return "; ".join(tips) + "."
+
+
+FLOAT32_SQUARE_MAX = 1.8e19
+"""sqrt of float32's largest value: a gradient norm above it means squares that overflow float32."""
+
+
 @dataclass
 class Exploding:
-    """A layer's gradient is too large, grows towards the input, or jumps.
+    """The gradient grows towards the input, grows back through time, or jumps.
 
-    Fires for a parameterised layer when (a) its backprop signal is above ``ratio`` times the output-side reference
-    (growth towards the input, e.g. weights above identity), (b) its gradient norm exceeds ``bound``, or (c) its
-    gradient norm exceeds ``jump`` times its own running geometric mean (after ``warmup`` collected steps).
+    Three conditions, each ``kind="exploding"`` with its own ``metric``:
 
-    Defaults: ``ratio=1e3`` mirrors the vanishing ratio. ``bound=1e4`` -- per-layer gradient norms of mean-reduced
-    losses are O(0.01-10); clipping thresholds in practice are 0.1-10 (Pascanu et al. 2013), so 1e4 is far outside any
-    healthy run yet low enough to catch a blow-up before it overflows. ``jump=100`` over a running mean with
-    ``momentum=0.9`` (about the last 10 collected steps): normal training changes gradient norms by a few times, a
-    spike by orders of magnitude; ``warmup=5`` lets the running mean settle.
+    * ``backprop_signal_ratio`` -- depth: every layer from the input up to layer i gets more than ``ratio`` times the
+      output-side level (weights above identity; deep plain stacks with BatchNorm at init).
+    * ``through_time_ratio`` -- time: a recurrent layer's earliest input steps receive more than ``ratio`` times the
+      gradient of its last ones.
+    * ``grad_norm`` -- a layer's gradient norm above :data:`FLOAT32_SQUARE_MAX`: its squares overflow float32.
+    * ``grad_norm_spike`` / ``loss_spike`` -- instability: the whole model's gradient norm (or the loss, when given
+      with ``scope.step(loss=...)``) jumps above ``jump`` times its median over the last ``window`` collected steps.
+      The alert names the layer whose gradient jumped most and lists the next ones. Growth an optimizer produces
+      smoothly (layer scale under AdamW, a network leaving its initialisation) stays within a few times per step.
+
+    Defaults: ``ratio=1e3`` mirrors the vanishing ratio. ``jump=10``: step-to-step changes of a healthy run's global
+    gradient norm stay within a few times (measured on the alert benchmark's healthy runs, ``scripts/alert_bench.py``);
+    a learning rate far too high, a corrupt batch or a divergence moves it by an order of magnitude or more within
+    one or two steps. ``loss_jump=10`` likewise for the loss. ``window=20`` collected steps of history, from the first
+    one on (a run that diverges after one update is caught at its second step).
     """
 
     ratio: float = 1e3
-    bound: float = 1e4
-    jump: float = 100.0
-    momentum: float = 0.9
-    warmup: int = 5
+    jump: float = 10.0
+    loss_jump: float = 10.0
+    window: int = 20
     output_side: float = 0.25
     kind: str = field(default="exploding", init=False)
-    _log_mean: dict = field(default_factory=dict, init=False, repr=False)
-    _seen: dict = field(default_factory=dict, init=False, repr=False)
+    context: Context = field(default_factory=Context, repr=False, compare=False)
+    _norms: deque = field(default=None, init=False, repr=False)
+    _losses: deque = field(default=None, init=False, repr=False)
+    _layer_norms: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        self._norms = deque(maxlen=self.window)
+        self._losses = deque(maxlen=self.window)
 
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
         out: dict[str, Alert] = {}
-        hint = exploding_hint(layers)
+        ctx = self.context
         profile = signal_profile(record, layers)
         if len(profile) >= 2:
             ref = output_side_reference(profile, self.output_side)
-            if ref > 0:
-                for depth, (name, s) in enumerate(profile):
-                    r = s / ref
-                    if r > self.ratio:
-                        out[name] = Alert(
-                            self.kind, name, record.step, r, self.ratio,
-                            f"the gradient signal reaching this layer (depth {depth + 1} of {len(profile)}) is "
-                            f"{r:.1e} times the output-side layers' ({s:.2e} vs {ref:.2e}): it grows towards the input.",
-                            hint, "backprop_signal_ratio")
-        for e in layers:
-            name = e["name"]
-            st = record.layers.get(name, {})
-            g = st.get("grad_norm")
-            if e.get("params") and g == math.inf and not st.get("grad_nonfinite") and name not in out:
-                out[name] = Alert(self.kind, name, record.step, g, self.bound,
-                                  "its gradient entries are finite but so large that their norm overflows float32.",
-                                  hint, "grad_norm")
-            if not e.get("params") or not _finite(g):
-                continue
-            if g > self.bound and name not in out:
-                out[name] = Alert(self.kind, name, record.step, g, self.bound,
-                                  f"its gradient norm is {g:.2e}, above {self.bound:.0e}.", hint, "grad_norm")
-            seen = self._seen.get(name, 0)
-            mean = self._log_mean.get(name)
-            if mean is not None and seen >= self.warmup and g > 0 and name not in out:
-                running = math.exp(mean)
-                if g > self.jump * running:
-                    out[name] = Alert(
-                        self.kind, name, record.step, g / running, self.jump,
-                        f"its gradient norm jumped to {g:.2e}, {g / running:.0f} times its running mean {running:.2e}.",
-                        hint, "grad_norm_jump")
-            if g > 0:
-                lg = math.log(g)
-                self._log_mean[name] = lg if mean is None else self.momentum * mean + (1 - self.momentum) * lg
-                self._seen[name] = seen + 1
+            low = math.inf  # the smallest signal from the input up to this layer
+            for depth, (name, s) in enumerate(profile[:-1]):
+                low = min(low, s)
+                if not ref > 0 or low <= self.ratio * ref:
+                    break
+                r = low / ref
+                out[name] = Alert(
+                    self.kind, name, record.step, r, self.ratio,
+                    f"the gradient signal reaching this layer (depth {depth + 1} of {len(profile)}) and every layer "
+                    f"before it is at least {r:.1e} times the output side's ({s:.2e} vs {ref:.2e}): it grows towards "
+                    "the input.", exploding_hint("depth", layers, name, ctx), "backprop_signal_ratio")
+        for name, st, g in _sites_with(record, layers, "grad_norm"):
+            if g > FLOAT32_SQUARE_MAX and name not in out:
+                out[name] = Alert(self.kind, name, record.step, g, FLOAT32_SQUARE_MAX,
+                                  f"its gradient norm is {g:.2e}: squares of entries this large overflow float32 (in "
+                                  "Adam's second moment, in clip_grad_norm_), so the next update is inf or NaN.",
+                                  exploding_hint("spike", layers, name, ctx), "grad_norm")
+        for name, st, r in _sites_with(record, layers, "through_time_ratio"):
+            if r > self.ratio and name not in out:
+                out[name] = Alert(
+                    self.kind, name, record.step, r, self.ratio,
+                    f"through time: the earliest of its {len(st.get('through_time', ()))} input steps receive {r:.1e} "
+                    "times the gradient the last ones get: it grows back through time.",
+                    exploding_hint("time", layers, name, ctx), "through_time_ratio")
+        spike = self._spike(record, layers)
+        if spike is not None and spike.layer not in out:
+            out[spike.layer] = spike
         return list(out.values())
+
+    def _spike(self, record: StepRecord, layers: list[dict]) -> Alert | None:
+        """The instability check on the whole model; updates the history of norms and losses."""
+        norms = {e["name"]: record.layers[e["name"]]["grad_norm"] for e in layers
+                 if e.get("params") and _finite(record.layers.get(e["name"], {}).get("grad_norm"))}
+        total = math.sqrt(math.fsum(g * g for g in norms.values())) if norms else math.nan
+        loss = record.info.get("loss")
+        loss = loss if _finite(loss) else None
+        fired = None
+        if _finite(total) and total > 0 and self._norms:
+            median = _median(self._norms)
+            if total > self.jump * median:
+                fired = ("grad_norm_spike", total / median, self.jump,
+                         f"the model's gradient norm jumped to {total:.2e}, {total / median:.0f} times its median "
+                         f"{median:.2e} over the last {len(self._norms)} collected steps")
+        if fired is None and loss is not None and loss > 0 and self._losses:
+            median = _median(self._losses)
+            if median > 0 and loss > self.loss_jump * median:
+                fired = ("loss_spike", loss / median, self.loss_jump,
+                         f"the loss jumped to {loss:.3g}, {loss / median:.0f} times its median {median:.3g} over the "
+                         f"last {len(self._losses)} collected steps")
+        alert = None
+        if fired is not None:
+            metric, value, threshold, text = fired
+            jumped = sorted(((g / self._layer_norms[n], n) for n, g in norms.items()
+                             if self._layer_norms.get(n, 0) > 0), reverse=True)
+            where = jumped[0][1] if jumped else next(iter(norms), "")
+            if jumped:
+                most = ", ".join(f"{n or '(root)'} {x:.0f}x" for x, n in jumped[:3])
+                text += f"; the layers whose gradient jumped most: {most}"
+            if loss is not None and metric == "grad_norm_spike" and self._losses:
+                text += f" (loss {_median(self._losses):.3g} -> {loss:.3g})"
+            alert = Alert(self.kind, where, record.step, value, threshold, text + ": the training is unstable.",
+                          exploding_hint("spike", layers, where, self.context), metric)
+        if _finite(total) and total > 0:
+            self._norms.append(total)
+            for n, g in norms.items():  # each layer's running geometric mean, to name the layers that jumped
+                old = self._layer_norms.get(n)
+                if g > 0:
+                    self._layer_norms[n] = g if old is None else math.exp(0.7 * math.log(old) + 0.3 * math.log(g))
+        if loss is not None:
+            self._losses.append(loss)
+        return alert
+
+
+def _median(values) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 @dataclass
@@ -227,17 +384,18 @@ class Nonfinite:
     kind: str = field(default="nonfinite", init=False)
 
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
-        hint = ("check the inputs and the loss for log(0), division by zero or overflow; lower the learning rate or clip "
-                "gradients; under mixed precision use torch.amp.GradScaler; torch.autograd.detect_anomaly() names the op.")
+        scaled = record.info.get("grad_scale", 1.0) != 1.0  # under a GradScaler, i.e. float16 mixed precision
+        loss = record.info.get("loss")
+        loss_bad = loss is not None and not math.isfinite(loss)
         sites = [e for e in layers if e.get("profile")]
         backward_bad = any(_backward_nonfinite(record.layers.get(e["name"], {})) for e in sites)
-        for e in layers:  # all modules: a parameter-free wrapper can be where the NaN is made
+        for depth, e in enumerate(layers):  # all modules: a parameter-free wrapper can be where the NaN is made
             st = record.layers.get(e["name"], {})
-            # an infinite output with finite gradients is legitimate (a -inf attention mask); NaN never is
-            if st.get("output_nan") or (st.get("output_nonfinite") and backward_bad):
+            # an infinite output with finite gradients and loss is legitimate (a -inf attention mask); NaN never is
+            if st.get("output_nan") or (st.get("output_nonfinite") and (backward_bad or loss_bad)):
                 return [Alert(self.kind, e["name"], record.step, math.nan, 0.0,
-                              "its forward output contains NaN/Inf, the first module in forward order to produce one "
-                              "(if it is the first layer, check the input data).", hint, "output_nonfinite")]
+                              "its forward output contains NaN/Inf, the first module in forward order to produce one.",
+                              _forward_hint(e, depth == 0, scaled), "output_nonfinite")]
         for e in reversed(sites):
             st = record.layers.get(e["name"], {})
             if _backward_nonfinite(st):
@@ -245,8 +403,29 @@ class Nonfinite:
                 what = f"{int(n)} NaN/Inf gradient entries" if n else "a NaN/Inf gradient at its output"
                 return [Alert(self.kind, e["name"], record.step, float(n), 0.0,
                               f"it has {what}, the closest layer to the loss where NaN/Inf appears in the backward pass.",
-                              hint, "grad_nonfinite")]
+                              "the backward pass made the NaN/Inf: check the loss for log(0), sqrt(0) or division by "
+                              "zero (add an epsilon), lower the learning rate or clip gradients; "
+                              "torch.autograd.detect_anomaly() names the op.", "grad_nonfinite")]
+        if loss_bad:
+            return [Alert(self.kind, "", record.step, loss, 0.0,
+                          "the loss is NaN/Inf while every module output is finite: the loss computation made it.",
+                          "check the loss for log(0), division by zero or overflow, and the targets for invalid values.",
+                          "loss")]
         return []
+
+
+def _forward_hint(entry: dict, first: bool, scaled: bool) -> str:
+    tips = []
+    if scaled:
+        tips.append("under float16 mixed precision a value above 65504 overflows in the forward pass: use bfloat16 "
+                    "autocast, or run this layer in float32, and normalise its inputs")
+    if first:
+        tips.append("it is the first layer: check the input data for NaN/Inf or huge values")
+    if entry.get("params"):
+        tips.append("check its parameters for NaN/Inf (torch.isfinite(p).all()): a NaN update or a corrupt checkpoint "
+                    "puts them there; lower the learning rate or clip gradients")
+    tips.append("torch.autograd.detect_anomaly() names the op")
+    return "; ".join(tips) + "."
 
 
 @dataclass
@@ -262,14 +441,16 @@ class DeadUnits:
 
     threshold: float = 0.5
     kind: str = field(default="dead_units", init=False)
+    context: Context = field(default_factory=Context, repr=False, compare=False)
 
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+        hint = ("lower the learning rate (a large update pushes biases far negative); use LeakyReLU or GELU, which keep "
+                "a gradient for negative inputs; use Kaiming initialisation"
+                + ("" if self.context.has_norm else "; add normalisation (BatchNorm) before the ReLU") + ".")
         return [Alert(self.kind, name, record.step, frac, self.threshold,
                       f"{int(st['dead_units'])} of {int(st['units'])} units ({100 * frac:.0f}%) have not fired on any "
                       f"of the last samples of the window: they pass no gradient and no longer learn.",
-                      "lower the learning rate (a large update pushes biases far negative); use LeakyReLU or GELU, "
-                      "which keep a gradient for negative inputs; use Kaiming initialisation; add normalisation "
-                      "(BatchNorm) before the ReLU.", "dead_fraction")
+                      hint, "dead_fraction")
                 for name, st, frac in _sites_with(record, layers, "dead_fraction")
                 if st.get("dead_window_filled") and frac > self.threshold]
 
@@ -281,43 +462,65 @@ class Saturation:
     Fires when the saturated fraction (outputs within ``saturation_eps`` of a bound, see :func:`gradscope.watch`)
     exceeds ``threshold``. Default ``0.5``: "most of the layer" -- then most of the gradient through it is scaled by
     8% or less of the activation's maximum derivative. Glorot & Bengio (2010) saw the top hidden sigmoid layer of a
-    deep net driven to 0 early in training: this is the alert that catches it.
+    deep net driven to 0 early in training: this is the alert that catches it. Gates (squeeze-excite, attention or
+    LSTM-style sigmoids) and the tanh/sigmoid inside another activation (GELU's tanh approximation, SiLU) are measured
+    but never alert: the layer table marks them with a ``role`` (see :func:`gradscope.scope.activation_role`).
     """
 
     threshold: float = 0.5
     kind: str = field(default="saturation", init=False)
+    context: Context = field(default_factory=Context, repr=False, compare=False)
 
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+        gates = {e["name"] for e in layers if e.get("role")}
+        hint = ("use Xavier/Glorot initialisation for sigmoid/tanh, or smaller initial weights; normalise the inputs"
+                + ("" if self.context.has_norm else " and add BatchNorm/LayerNorm before the activation")
+                + "; prefer ReLU-family activations in hidden layers.")
         return [Alert(self.kind, name, record.step, sat, self.threshold,
                       f"{100 * sat:.0f}% of its outputs are at a bound (mean output "
                       f"{st.get('mean_output', math.nan):.3f}), where the activation's derivative is nearly zero.",
-                      "use Xavier/Glorot initialisation for sigmoid/tanh, or smaller initial weights; normalise the "
-                      "inputs and add BatchNorm/LayerNorm before the activation; prefer ReLU-family activations in "
-                      "hidden layers.", "saturation")
-                for name, st, sat in _sites_with(record, layers, "saturation") if sat > self.threshold]
+                      hint, "saturation")
+                for name, st, sat in _sites_with(record, layers, "saturation")
+                if sat > self.threshold and name not in gates]
 
 
 @dataclass
 class ThroughTime:
-    """A recurrent layer's gradient does not reach its earliest time steps.
+    """A recurrent layer forgets: its gradient does not reach most of its input steps.
 
     Fires a ``"vanishing"`` alert when the through-time ratio (the mean gradient norm at the earliest 10% of input
-    steps over that at the last 10%) is below ``ratio``. Default ``1e-3``, as for depth: the earliest inputs then
-    influence learning a thousand times less than the latest, which is forgetting them.
+    steps over that at the last 10%) is below ``ratio`` *and* the gradient reaches back (at 1e-3 of the last steps'
+    level, see :func:`gradscope.activations.through_time_summary`) over less than ``reach`` of the sequence.
+    Defaults: ``ratio=1e-3``, as for depth: the earliest inputs then influence learning a thousand times less than the
+    latest. ``reach=0.25``: a layer whose gradient still reaches back over a quarter of the sequence can learn to
+    remember -- an LSTM or GRU at initialisation on 32 image rows reaches back ~18 steps and its gates open as it
+    trains, whereas a plain RNN on 1,024 pixels reaches back ~20 steps, 2% of the sequence, and cannot fix that.
     """
 
     ratio: float = 1e-3
+    reach: float = 0.25
     kind: str = field(default="vanishing", init=False)
 
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
-        return [Alert(self.kind, name, record.step, r, self.ratio,
-                      f"through time: the earliest of its {len(st.get('through_time', ()))} input steps receive "
-                      f"{r:.1e} of the gradient the last ones get; it reaches back only "
-                      f"{int(st.get('through_time_reach', 0))} steps.",
-                      "use a gated recurrent layer (LSTM/GRU; for an LSTM a forget-gate bias of 1 helps), clip "
-                      "gradients, shorten the sequences or add skip connections through time; orthogonal "
-                      "initialisation of the recurrent weights helps a plain RNN.", "through_time_ratio")
-                for name, st, r in _sites_with(record, layers, "through_time_ratio") if r < self.ratio]
+        out = []
+        for name, st, r in _sites_with(record, layers, "through_time_ratio"):
+            steps = len(st.get("through_time", ())) or 1
+            reach = int(st.get("through_time_reach", 0))
+            if r >= self.ratio or reach >= self.reach * steps:
+                continue
+            module = _entry(layers, name).get("module", "")
+            if module in GATED:
+                hint = ("initialise the forget-gate bias to 1 (LSTM) so the cell keeps its memory, shorten the "
+                        "sequences (truncated backpropagation, or read larger chunks per step), or add attention or "
+                        "skip connections through time.")
+            else:
+                hint = ("use a gated recurrent layer (LSTM/GRU) instead of a plain RNN, or shorten the sequences; "
+                        "orthogonal initialisation of the recurrent weights helps a plain RNN.")
+            out.append(Alert(self.kind, name, record.step, r, self.ratio,
+                             f"through time: the earliest of its {steps} input steps receive {r:.1e} of the gradient "
+                             f"the last ones get; it reaches back only {reach} of {steps} steps, so it cannot learn "
+                             "from the early ones.", hint, "through_time_ratio"))
+        return out
 
 
 def _backward_nonfinite(stats: dict) -> bool:
@@ -326,5 +529,7 @@ def _backward_nonfinite(stats: dict) -> bool:
 
 
 def default_detectors() -> list:
-    """Fresh instances of the default detectors, with their documented default thresholds."""
-    return [Vanishing(), Exploding(), Nonfinite(), DeadUnits(), Saturation(), ThroughTime()]
+    """Fresh instances of the default detectors, with their documented default thresholds, in the order their
+    alerts are reported within a step (the most specific diagnosis first: a NaN explains an explosion, which explains
+    a vanishing ratio)."""
+    return [Nonfinite(), Exploding(), Vanishing(), ThroughTime(), DeadUnits(), Saturation()]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch
+
 try:
     from lightning.pytorch import Callback
 except ImportError as e:  # pragma: no cover - exercised only without lightning
@@ -54,6 +56,11 @@ class GradscopeCallback(Callback):
         self._detach()
         kwargs = {"reduce_ranks": trainer.world_size > 1, **self.watch_kwargs}  # DDP strategies: one scope per rank
         self.scope = watch(pl_module, every=self.every, raise_on=self.raise_on, **kwargs)
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        # the loss of each micro-batch, as Lightning scales it for accumulation: they add up to the step's loss
+        if self.scope is not None and self.scope.attached and isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self.scope.record_loss(loss)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         scope = self.scope

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from array import array
 import weakref
@@ -13,7 +14,7 @@ from torch import nn
 
 from .alerts import Alert, AlertBook
 from .collect import Collector
-from .detectors import Nonfinite, default_detectors
+from .detectors import ADAPTIVE, NORMS, SATURATING, Context, Nonfinite, default_detectors
 from .record import FORMAT, FORMAT_VERSION, History, Run, StepRecord
 from .activations import through_time_summary
 from .stats import Transfer, max_abs, nonfinite_counts, nonzero_counts, norms, sum_by_key
@@ -41,6 +42,56 @@ def _extra_stats(extra_stats) -> frozenset:
         raise ValueError(f"unknown extra_stats {sorted(names - EXTRA_STATS.keys())}; choose from "
                          f"{sorted(EXTRA_STATS)} or 'all', e.g. extra_stats=('grad_max',)")
     return names
+
+
+_RESIDUAL_CLASS = re.compile(r"(Bottleneck|BasicBlock|Res(idual)?(Block|Unit|Layer)?|InvertedResidual|ConvNeXtBlock|"
+                             r"(Encoder|Decoder|Transformer)(Layer|Block)|Block|BertLayer)$")
+
+
+def has_residual(model: nn.Module) -> bool:
+    """Whether ``model`` has residual connections, judged from its block classes (ResNet ``BasicBlock`` /
+    ``Bottleneck``, transformer ``*Block`` / ``*EncoderLayer`` / ``BertLayer``, ``InvertedResidual``, ...), minus blocks
+    that say they have none (``shortcut = None``, ``has_skip = False``). Only decides whether a remedy may recommend
+    adding them."""
+    for m in model.modules():
+        if _RESIDUAL_CLASS.search(type(m).__name__):
+            if getattr(m, "shortcut", True) is None or getattr(m, "has_skip", True) is False \
+                    or getattr(m, "has_residual", True) is False:
+                continue
+            return True
+    return False
+
+
+def _context(model: nn.Module, optimizer) -> Context:
+    ctx = Context(has_norm=any(type(m).__name__ in NORMS for m in model.modules()), has_residual=has_residual(model))
+    if optimizer is not None:
+        ctx.optimizer = type(optimizer).__name__
+        eps = [g["eps"] for g in optimizer.param_groups if isinstance(g.get("eps"), (int, float))]
+        ctx.adaptive = ctx.optimizer in ADAPTIVE or bool(eps and "betas" in optimizer.defaults)
+        ctx.eps = min(eps) if eps else None
+    return ctx
+
+
+_GATE_NAME = re.compile(r"(^|[._:])(gate|gates|se|attn|attention|excite|excitation)([._:#]|$)", re.I)
+_GATE_CLASS = re.compile(r"(SqueezeExcit|SEModule|SELayer|Gate|Attention|EffectiveSE)", re.I)
+
+
+def activation_role(site: str, owner: nn.Module | None, kind: str, broadcast: bool) -> str | None:
+    """``"gate"`` or ``"inner"`` for a sigmoid/tanh site that is not a saturating layer of its own, else None.
+
+    * ``"inner"``: a functional sigmoid/tanh inside a parameter-free activation module (GELU's tanh approximation,
+      SiLU/Swish, Mish): its saturation is the outer activation being linear or zero.
+    * ``"gate"``: a sigmoid that multiplies something (squeeze-excite, attention or LSTM-style gates), known by its
+      name, its owner's class, or an output that broadcasts over positions ((N, C, 1, 1)): gates are meant to saturate.
+    """
+    if kind not in ("sigmoid", "tanh"):
+        return None
+    if owner is not None and ":" in site and next(owner.parameters(recurse=True), None) is None \
+            and next(owner.children(), None) is None and type(owner).__name__ not in SATURATING:
+        return "inner"
+    if broadcast or _GATE_NAME.search(site) or (owner is not None and _GATE_CLASS.search(type(owner).__name__)):
+        return "gate"
+    return None
 
 
 def watched_by(model: nn.Module) -> "Scope | None":
@@ -179,7 +230,7 @@ def _reduce_across_ranks(c) -> None:
     host_sums = [int(round(v)) for v in parts.pop().tolist()]
     k = 0
     if sig is not None:
-        c.signal_parts = list(zip(sig_sites, (parts[k] / world ** 2).float()))
+        c.signal_parts = list(zip(sig_sites, parts[k] / world ** 2))  # float64: tiny signals stay nonzero
         k += 1
     if out is not None:
         c.output_parts = list(zip(out_sites, parts[k].float()))
@@ -311,6 +362,12 @@ class Scope(Run):
         self._params = params
         self._module_info = module_info
         self._param_layers = [m for m in module_info if module_info[m]["params"]]
+        self._modules_by_name = weakref.WeakValueDictionary(dict(model.named_modules()))
+        self.context = _context(model, optimizer)
+        """What the detectors know about the model and its optimizer (:class:`gradscope.detectors.Context`)."""
+        for d in detectors:
+            if hasattr(d, "context"):
+                d.context = self.context
         self._book = AlertBook(raise_on=raise_on, log=log_all_ranks or _rank() == 0)  # every rank detects alike
         self._num_steps = 0
         self._layers_seen = -1
@@ -326,6 +383,7 @@ class Scope(Run):
         """What this collected step's ``.grad`` values were divided by for the statistics (the AMP loss scale when
         the gradients were still scaled, else 1): listeners that read ``.grad`` themselves divide by it too."""
         self._overflow_streak = 0
+        self._loss = None  # this step's loss, from record_loss()
         self._scale_at_start = None
         self._opt_handle = None
         self._update_ratio = bool(update_ratio)
@@ -357,12 +415,15 @@ class Scope(Run):
         """How many steps have been closed (collected or not)."""
         return self._num_steps
 
-    def step(self, scaler=None) -> list[Alert]:
+    def step(self, scaler=None, *, loss=None) -> list[Alert]:
         """Close the current step: gather statistics (on a collected step), run the detectors, return new alerts.
 
         Call after ``loss.backward()`` (and any gradient accumulation) and before ``optimizer.step()``.
 
         Args:
+            loss: this step's loss (a scalar tensor or number, unscaled; no host sync is added), as
+                :meth:`record_loss`: the instability detector then watches it too, and a non-finite loss is a
+                ``nonfinite`` alert even under a GradScaler.
             scaler: the ``torch.amp.GradScaler`` that scaled this step's loss; gradients are divided by its scale
                 (parameter gradients only if ``scaler.unscale_`` has not run yet). A step whose gradients overflowed
                 under a scaler is recorded with ``info["overflow"] = True`` and raises no alert: the scaler skips it.
@@ -374,10 +435,30 @@ class Scope(Run):
         if not self.attached:
             raise RuntimeError("this scope is detached; call gradscope.watch(model) again to keep monitoring")
         _check_scaler(scaler)
+        if loss is not None:
+            self.record_loss(loss)
         if not self._collector.backward_seen:
             raise RuntimeError("scope.step() was called with no backward pass since the last step: call "
                                "loss.backward() before scope.step(), once per optimizer step")
         return self._close_step(scaler if scaler is not None else self._scaler)
+
+    def record_loss(self, loss) -> None:
+        """Give the scope this step's loss (what ``step(loss=...)`` does; for the ``optimizer=`` mode, call it before
+        ``optimizer.step()``). The loss of several accumulated micro-batches: pass each, they are summed.
+
+        Raises:
+            TypeError / ValueError: ``loss`` is not a real number or a one-element tensor.
+        """
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1 or loss.is_complex():
+                raise ValueError(f"loss must be the scalar loss (one element), got a tensor of shape {tuple(loss.shape)}; "
+                                 "pass loss.mean() or the value you call backward() on")
+            value = loss.detach().reshape(()).to(torch.float64)
+        elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            value = float(loss)
+        else:
+            raise TypeError(f"loss must be a scalar tensor or a number, got {type(loss).__name__}")
+        self._loss = value if self._loss is None else self._loss + value
 
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The tracked parameters ``(qualified name, parameter)``: trainable ones, each once, in module order."""
@@ -479,6 +560,7 @@ class Scope(Run):
                 raise
             c.reset()
         c.mark_grads()
+        self._loss = None
         self._num_steps += 1
         collected, c.active = c.active, self._num_steps % self.every == 0
         if c.active:
@@ -532,12 +614,18 @@ class Scope(Run):
         entries = []
         for site, mname in order.items():
             info = self._module_info[mname]
-            if site in self._collector.functional_sites:  # "block:relu": a functional call inside block.forward
-                entries.append({"name": site, "module": f"F.{self._collector.functional_sites[site]}", "params": 0,
-                                "profile": False})
-                continue
-            entries.append({"name": site, "module": info["module"], "params": info["params"] if site == mname else 0,
-                            "profile": mname in self._collector.profile_modules})
+            c = self._collector
+            if site in c.functional_sites:  # "block:relu": a functional call inside block.forward
+                kind = c.functional_sites[site]
+                entries.append({"name": site, "module": f"F.{kind}", "params": 0, "profile": False})
+            else:
+                kind = c.module_kinds.get(mname)
+                entries.append({"name": site, "module": info["module"],
+                                "params": info["params"] if site == mname else 0,
+                                "profile": mname in c.profile_modules})
+            role = activation_role(site, self._modules_by_name.get(mname), kind, site in c.broadcast_sites)
+            if role:
+                entries[-1]["role"] = role
         for mname in self._param_layers:
             if mname in order:
                 continue
@@ -599,6 +687,8 @@ class Scope(Run):
             tr.add("out", t)
         if scale_t is not None:
             tr.add("scale", scale_t)
+        if isinstance(self._loss, torch.Tensor):
+            tr.add("loss", self._loss)
         if dead:
             count, rate = c.dead_bank.stats(dead)
             tr.add("dead", count)
@@ -690,6 +780,13 @@ class Scope(Run):
         # that is a real fault (an infinite forward output, e.g. a -inf attention mask, is left to the scaler).
         backward_bad = bool(nonfinite) or any(not math.isfinite(v) for v in sig.values())
         forward_nan = any(math.isnan(v) for v in out_sum.values())
-        overflow = skipped or (scale_t is not None and backward_bad and not forward_nan)
+        loss = None
+        if self._loss is not None:
+            loss = got["loss"][0] if isinstance(self._loss, torch.Tensor) else self._loss
+        # a non-finite loss is never the scaler's doing: it scales the loss after it is computed
+        overflow = skipped or (scale_t is not None and backward_bad and not forward_nan
+                               and (loss is None or math.isfinite(loss)))
         info = {"grad_scale": scale, "overflow": overflow}
+        if loss is not None:
+            info["loss"] = loss
         return StepRecord(step, layers, params, info)

@@ -177,10 +177,14 @@ def test_one_device_to_host_transfer_per_collected_step_and_none_in_hooks():
         with HostSyncs() as fwd:
             loss = F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([1, 2]))
             loss.backward()
-        assert fwd.calls == []  # forward hooks and tensor hooks never sync
+        # forward hooks and tensor hooks never move data to the host; the only reads are CPU scalars (sq_norm's
+        # float32-underflow check, which only the CPU path makes and which is no device sync: test_cuda.py runs the
+        # same on CUDA under torch.cuda.set_sync_debug_mode("error"))
+        assert set(fwd.calls) <= {"item"}
         with HostSyncs() as close:
             scope.step()
-        assert close.calls == (["cpu", "tolist"] if step % 2 == 0 else [])  # one batched transfer, on collected steps
+        transfers = [c for c in close.calls if c != "item"]
+        assert transfers == (["cpu", "tolist"] if step % 2 == 0 else [])  # one batched transfer, on collected steps
         model.zero_grad()
     scope.detach()
 

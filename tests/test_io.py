@@ -16,7 +16,7 @@ from gradscope.record import History, StepRecord
 @pytest.fixture
 def run_file(tmp_path):
     model = deep_mlp(10, 32, "sigmoid", in_features=12)
-    scope = gradscope.watch(model, every=2)
+    scope = gradscope.watch(model, every=2, detectors=[gradscope.Vanishing(patience=1), gradscope.Nonfinite()])
     for step in range(5):
         x = torch.randn(8, 12)
         if step == 4:

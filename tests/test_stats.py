@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscope
+import gradscope.stats
 from gradscope.models import deep_mlp
 from conftest import hook_entries, rel_close
 
@@ -258,3 +259,204 @@ def test_every_n_collects_only_every_nth_step_and_registers_nothing_between():
     assert scope.num_steps == 7
     scope.detach()
     assert hook_entries(model) == ["0._forward_hooks"]
+
+
+# -- float64 statistics: no underflow or overflow of squared norms (gradscope.stats) ---------------------------------
+
+def exact_sq(t) -> float:
+    """Sum of squares of t's entries (as stored: float32, bfloat16, ...) in plain Python float64, correctly rounded."""
+    t = t.detach()
+    if t.is_sparse:
+        t = t.to_dense()
+    wide = t.resolve_conj().to(torch.complex128 if t.is_complex() else torch.float64)
+    return math.fsum(abs(v) ** 2 for v in wide.flatten().tolist())
+
+
+def spread(n, lo, hi, dtype=torch.float32):
+    """n entries of alternating sign whose magnitudes run log-uniformly from 10**lo to 10**hi."""
+    mags = torch.logspace(lo, hi, n, dtype=torch.float64)
+    signs = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat((n + 1) // 2)[:n]
+    return (mags * signs).to(dtype)
+
+
+TINY_AND_HUGE = {
+    "float32 1e-25": lambda: torch.full((64, 32), 1e-25),  # float32: sum of squares 0
+    "float32 1e-30": lambda: torch.full((7, 5, 3), 1e-30),
+    "float32 subnormal": lambda: torch.tensor([1e-40, -3e-42, 1.4e-45, 0.0]),
+    "float32 1e30": lambda: torch.full((100,), 1e30),  # float32: sum of squares inf
+    "float32 1e-30..1e30": lambda: spread(1000, -30, 30),
+    "float32 max": lambda: torch.tensor([3.4e38, -3.4e38, 1e-45]),
+    "float64 1e-100": lambda: torch.full((10, 10), 1e-100, dtype=torch.float64),
+    "float64 1e-120..1e120": lambda: spread(500, -120, 120, torch.float64),
+    "bfloat16 1e-25": lambda: torch.full((300,), 1e-25, dtype=torch.bfloat16),
+    "bfloat16 1e-30..1e30": lambda: spread(400, -30, 30, torch.bfloat16),
+    "float16 6e-8..6e4": lambda: spread(400, -7.2, 4.8, torch.float16),
+    "float16 subnormal": lambda: torch.full((50,), 6e-8, dtype=torch.float16),
+    "complex64 1e-25": lambda: torch.full((20,), 1e-25 - 3e-26j, dtype=torch.complex64),
+    "complex64 conj": lambda: torch.randn(6, 4, dtype=torch.complex64).conj(),
+    "transposed": lambda: spread(600, -30, 30).reshape(20, 30).t(),
+    "channels_last": lambda: spread(2 * 3 * 4 * 5, -28, 28).reshape(2, 3, 4, 5).to(memory_format=torch.channels_last),
+    "expanded": lambda: torch.tensor([1e-25, 2e-25]).expand(3, 2),
+    "0-d": lambda: torch.tensor(-1e-30),
+    "empty": lambda: torch.zeros(0, 3),
+}
+
+
+@pytest.mark.parametrize("name", list(TINY_AND_HUGE))
+def test_sq_norm_is_float64_and_exact_for_tiny_and_huge_entries(name):
+    t = TINY_AND_HUGE[name]()
+    want = exact_sq(t)
+    got = gradscope.stats.sq_norm(t)
+    assert got.dtype == torch.float64 and got.dim() == 0
+    # float16 accumulates in float32 (its squares cannot leave float32's range); the others in float64
+    assert math.isclose(float(got), want, rel_tol=1e-6 if t.dtype == torch.float16 else 1e-12, abs_tol=0.0), (
+        float(got), want)
+    if name in ("float32 1e-25", "float32 1e-30", "float32 1e30"):
+        assert float(torch.dot(t.flatten(), t.flatten())) in (0.0, math.inf)  # what float32 reported before
+    n = gradscope.stats.norms([t])
+    assert n.dtype == torch.float64 and math.isclose(float(n[0]), math.sqrt(want), rel_tol=1e-6, abs_tol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_sq_norm_of_large_tensors_block_by_block(monkeypatch, dtype):
+    monkeypatch.setattr(gradscope.stats, "_CHUNK", 1000)  # > _CHUNK entries: converted block by block
+    for t in (spread(4321, -7, 4, dtype), spread(3000, -7, 4, dtype).reshape(30, 100).t()):
+        got = gradscope.stats.exact_sq_norm(t)
+        assert got.dtype == torch.float64
+        assert math.isclose(float(got), exact_sq(t), rel_tol=1e-6 if dtype == torch.float16 else 1e-12)
+
+
+def test_sq_norm_and_max_of_sparse_gradients():
+    idx = torch.tensor([[1, 4, 1, 9]])
+    g = torch.sparse_coo_tensor(idx, torch.tensor([[1e-25, 3e-26], [2e-25, -1e-30], [1e-25, 0.0], [0.0, 0.0]]),
+                                (12, 2), check_invariants=True)  # uncoalesced: row 1 twice
+    want = exact_sq(g.coalesce())
+    assert want > 0
+    assert math.isclose(float(gradscope.stats.sq_norm(g)), want, rel_tol=1e-12, abs_tol=0.0)
+    assert math.isclose(float(gradscope.stats.norms([g])[0]), math.sqrt(want), rel_tol=1e-12, abs_tol=0.0)
+    dense = g.to_dense()
+    assert float(gradscope.stats.max_abs([g])[0]) == float(dense.abs().max())
+    assert float(gradscope.stats.nonzero_counts([g])[0]) == int((dense != 0).sum())
+
+
+def mixed_list():
+    return [torch.full((64, 32), 1e-25), spread(1000, -30, 30), torch.full((9,), 1e-100, dtype=torch.float64),
+            spread(40, -30, 30, torch.bfloat16), spread(40, -7, 4, torch.float16), torch.zeros(0),
+            torch.full((5,), 1e-25 + 1e-25j, dtype=torch.complex64), torch.randn(4, 4).t()]
+
+
+def test_norms_of_a_mixed_list():
+    ts = mixed_list()
+    n = gradscope.stats.norms(ts)
+    assert n.dtype == torch.float64 and n.shape == (len(ts),)
+    for got, t in zip(n.tolist(), ts):
+        assert math.isclose(got, math.sqrt(exact_sq(t)), rel_tol=1e-6, abs_tol=0.0), (got, t.dtype)
+    assert gradscope.stats.norms([]).dtype == torch.float64
+
+
+@pytest.mark.parametrize("takes_dtype", [True, False])
+def test_fused_norms_path_on_cpu_tensors(monkeypatch, takes_dtype):
+    """The non-CPU path of norms() (one _foreach_norm per dtype; torch < 2.4: vector_norm per tensor), run on CPU."""
+    monkeypatch.setattr(gradscope.stats, "_foreach_norm_takes_dtype", lambda: takes_dtype)
+    ts = [gradscope.stats._real(t) for t in mixed_list()]
+    n = gradscope.stats._fused_norms(ts)
+    assert n.dtype == torch.float64
+    for got, t in zip(n.tolist(), ts):
+        assert math.isclose(got, math.sqrt(exact_sq(t)), rel_tol=1e-6, abs_tol=0.0), (got, t.dtype)
+    same = [torch.full((3,), 1e-25), torch.full((2, 2), 1e30)]  # one dtype: one fused call
+    assert gradscope.stats._fused_norms(same).tolist() == pytest.approx([math.sqrt(3) * 1e-25, 2e30], rel=1e-6)
+
+
+def test_foreach_norm_takes_dtype_on_recent_torch():
+    takes = gradscope.stats._foreach_norm_takes_dtype()
+    assert isinstance(takes, bool)
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5):  # added in 2.4 (pytorch#125665)
+        assert takes  # CUDA norms: one fused float64 _foreach_norm, not vector_norm per tensor
+
+
+def test_max_abs_and_nonzero_counts_any_float_dtype():
+    ts = [torch.tensor([1e-50, -3e-50], dtype=torch.float64), torch.tensor([1e-30, -2e-45, 0.0]),
+          torch.tensor([-1e30, 5.0], dtype=torch.bfloat16), torch.tensor([6e-8, 0.0, -0.5], dtype=torch.float16),
+          torch.tensor([3e-25 + 4e-25j], dtype=torch.complex64), torch.zeros(0)]
+    m = gradscope.stats.max_abs(ts)
+    assert m.dtype == torch.float64
+    assert m.tolist() == [3e-50, float(torch.tensor(1e-30)), float(torch.tensor(1e30, dtype=torch.bfloat16)),
+                          0.5, pytest.approx(5e-25, rel=1e-6), 0.0]
+    assert math.isnan(float(gradscope.stats.max_abs([torch.tensor([1.0, float("nan")])])[0]))
+    c = gradscope.stats.nonzero_counts(ts)
+    assert c.dtype == torch.float64 and c.tolist() == [2, 2, 2, 2, 1, 0]
+
+
+def test_transfer_and_sum_by_key_keep_float64():
+    sq = gradscope.stats.sq_norm(torch.full((100,), 1e-25))  # 1e-48
+    f64 = torch.float64
+    parts = [("a", torch.tensor(1e-50, dtype=f64)), ("b", sq), ("a", torch.tensor(2e-50, dtype=f64))]
+    keys, sums = gradscope.stats.sum_by_key(parts)
+    assert keys == ["a", "b"] and sums.dtype == torch.float64
+    tr = gradscope.stats.Transfer()
+    tr.add("tiny", torch.tensor(1e-50, dtype=torch.float64))
+    tr.add("sums", sums)
+    tr.add("f32", torch.tensor([1e-30, 3.0]))
+    tr.add("int", torch.tensor([3, 2 ** 40]))
+    got = tr.fetch()
+    assert got["tiny"] == [1e-50]
+    assert got["sums"] == [pytest.approx(3e-50, rel=1e-15, abs=0), float(sq)]
+    assert got["sums"][1] == pytest.approx(exact_sq(torch.full((100,), 1e-25)), rel=1e-12, abs=0)
+    assert got["f32"] == [float(torch.tensor(1e-30)), 3.0]
+    assert got["int"] == [3.0, 2.0 ** 40]
+
+
+def test_float64_model_statistics_match_autograd():
+    model = small_cnn().double()  # used to fail: vector_norm(dtype=float32) of a float64 gradient
+    x, y = torch.randn(16, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (16,))
+    signal, ref_grads = reference(copy.deepcopy(model), x, y)
+    scope = gradscope.watch(model, extra_stats="all")
+    F.cross_entropy(model(x), y).backward()
+    scope.step()
+    check_param_stats(scope, ref_grads, model)
+    for name, s in signal.items():
+        assert rel_close(scope.latest()[name]["backprop_signal"], s, 1e-9), name
+    scope.detach()
+
+
+def test_deep_sigmoid_mlp_tiny_gradients_are_not_reported_as_zero():
+    """30 sigmoid layers: the first layers' gradient entries are ~1e-25, whose float32 sum of squares is exactly 0."""
+    model = deep_mlp(30, 32, "sigmoid", in_features=16)
+    x, y = torch.randn(8, 16), torch.randint(0, 10, (8,))
+    ref = copy.deepcopy(model)
+    outs = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o))
+             for n, m in ref.named_modules() if n and not list(m.children()) and not isinstance(m, nn.Flatten)]
+    loss = F.cross_entropy(ref(x), y)
+    for h in hooks:
+        h.remove()
+    out_grads = dict(zip(outs, torch.autograd.grad(loss, list(outs.values()))))
+
+    scope = gradscope.watch(model)
+    F.cross_entropy(model(x), y).backward()
+    scope.step()
+    per_param, latest = scope.latest(per="param"), scope.latest()
+    first = model[1].weight.grad
+    assert 0 < first.abs().max() < 1e-19 and float(first.norm()) == 0.0  # the case: float32 norm underflows
+    for name, p in model.named_parameters():
+        want = math.sqrt(exact_sq(p.grad))
+        assert want > 0
+        # float32 accuracy where float32 holds the sum, float64 where it underflows
+        assert math.isclose(per_param[name]["grad_norm"], want, rel_tol=1e-6, abs_tol=0.0), name
+        assert math.isclose(per_param[name]["grad_rms"], want / math.sqrt(p.numel()), rel_tol=1e-6, abs_tol=0.0)
+    for name, g in out_grads.items():
+        want = math.sqrt(exact_sq(g))
+        assert want > 0
+        assert math.isclose(latest[name]["backprop_signal"], want, rel_tol=1e-6, abs_tol=0.0), name
+    scope.detach()
+
+
+def test_sq_norm_takes_the_float32_path_for_ordinary_gradients_and_float64_for_tiny_ones(monkeypatch):
+    calls = []
+    exact = gradscope.stats.exact_sq_norm
+    monkeypatch.setattr(gradscope.stats, "exact_sq_norm", lambda t: calls.append(t) or exact(t))
+    ordinary = torch.randn(64, 32)
+    got = gradscope.stats.sq_norm(ordinary)
+    assert calls == [] and math.isclose(float(got), exact_sq(ordinary), rel_tol=1e-6)
+    tiny = torch.full((64, 32), 3e-24)
+    assert math.isclose(float(gradscope.stats.sq_norm(tiny)), exact_sq(tiny), rel_tol=1e-12) and len(calls) == 1
