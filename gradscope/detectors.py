@@ -444,6 +444,8 @@ class DeadUnits:
     context: Context = field(default_factory=Context, repr=False, compare=False)
 
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+        if any(st.get("output_nan") for st in record.layers.values()):
+            return []  # NaN outputs count as "not fired": a NaN step says nothing about dead units (nonfinite does)
         hint = ("lower the learning rate (a large update pushes biases far negative); use LeakyReLU or GELU, which keep "
                 "a gradient for negative inputs; use Kaiming initialisation"
                 + ("" if self.context.has_norm else "; add normalisation (BatchNorm) before the ReLU") + ".")

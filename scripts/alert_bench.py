@@ -736,7 +736,12 @@ def format_totals(results: list[Result]) -> str:
     g = t["gradscope"]
     h, b = t["healthy"], t["broken"]
     falls = sum(r.loss_falls for r in results if r.case.label.healthy)
-    rows = [f"Totals over {t['runs']} runs ({h} healthy, {b} broken); the loss falls on {falls} of the {h} healthy runs:",
+    allowed = sorted({r.case.label.latency for r in results if not r.case.label.healthy})
+    by = {n: ", ".join(r.case.name for r in results if not r.case.label.healthy and r.case.label.latency == n)
+          for n in allowed}
+    when = "; ".join(f"{n} for {by[n]}" for n in allowed)
+    rows = [f"Totals over {t['runs']} runs ({h} healthy, {b} broken); the loss falls on {falls} of the {h} healthy runs. "
+            f"\"In time\": within the label's latency, in collected steps from onset ({when}).", "",
             "| rule | healthy runs with a false alert | false alerts | broken runs detected | detected in time | "
             "first alert: kind / layer / remedy right |", "|---|---|---|---|---|---|",
             f"| gradscope | {g['healthy_with_false']} of {h} | {g['false_alerts']} | {g['detected']} of {b} | "

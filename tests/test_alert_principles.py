@@ -282,3 +282,18 @@ def test_context_is_shared_with_the_detectors_that_ask_for_it():
     assert scope.context == Context(has_norm=True, has_residual=True, optimizer="AdamW", adaptive=True, eps=1e-6)
     assert all(d.context is scope.context for d in scope.detectors if hasattr(d, "context"))
     scope.detach()
+
+
+def test_after_a_nan_only_the_nan_is_reported_not_dead_units():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    scope = gradscope.watch(model, dead_window=16)
+    with torch.no_grad():
+        model[0].bias.fill_(float("nan"))  # every output of layer 0 is NaN from here on
+    for _ in range(6):
+        F.cross_entropy(model(torch.randn(8, 8)), torch.randint(0, 2, (8,))).backward()
+        scope.step()
+        model.zero_grad()
+    assert scope.latest()["1"]["dead_fraction"] == 1.0  # measured: NaN never "fires"
+    assert [(a.kind, a.layer, a.step) for a in scope.alerts] == [("nonfinite", "0", 0)]
+    scope.detach()
