@@ -408,7 +408,7 @@ class Collector:
             counts, total, n = fired_counts(out, self.unit_dims.get(site, unit_dim(out.ndim)), check)
             self.dead_parts.append((site, counts, n))
             return total
-        if out.ndim >= 3 and all(d == 1 for d in out.shape[2:]):
+        if out.ndim >= 4 and all(d == 1 for d in out.shape[2:]):
             self.broadcast_sites.add(site)  # (N, C, 1, 1): a squeeze-excite style gate
         saturated, check, numel = saturation_counts(out, kind, self.saturation_eps)
         self.saturation_parts.append((site, saturated, check, numel))

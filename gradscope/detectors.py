@@ -20,7 +20,7 @@ flagged layers are then always the input-side end of the network, which is where
 from __future__ import annotations
 
 import math
-import re
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -30,9 +30,6 @@ from .record import StepRecord, _finite, signal_profile
 SATURATING = {"Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid", "F.sigmoid", "F.tanh"}
 RECURRENT = {"RNN", "RNNCell"}
 GATED = {"LSTM", "GRU", "LSTMCell", "GRUCell"}
-NORMS = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d",
-         "InstanceNorm3d", "RMSNorm", "SyncBatchNorm", "LayerNorm2d", "BatchNormAct2d", "GroupNormAct",
-         "FrozenBatchNorm2d", "LlamaRMSNorm", "T5LayerNorm"}
 ADAPTIVE = {"Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "SparseAdam", "Adafactor",
             "Lamb", "LAMB", "Lion", "FusedAdam", "DeepSpeedCPUAdam", "AdamW8bit", "Adam8bit", "PagedAdamW"}
 
@@ -42,19 +39,26 @@ class Context:
     """What the scope knows about the model and its training, for the detectors' remedies and judgements.
 
     Attributes:
-        has_norm: the model has normalisation layers (BatchNorm, LayerNorm, RMSNorm, ...).
-        has_residual: the model has residual connections (see :func:`gradscope.scope.has_residual`).
+        has_norm: the model has normalisation layers (BatchNorm, LayerNorm, RMSNorm, ...); None when unknown (a
+            detector used without a scope): a remedy then never recommends adding them.
+        has_residual: the model has residual connections (see :func:`gradscope.scope.has_residual`); None: unknown.
         optimizer: class name of the optimizer when the scope knows it (``watch(..., optimizer=...)``), else None.
         adaptive: whether that optimizer normalises updates per parameter (Adam family, RMSprop, Adagrad); None when
             the optimizer is unknown.
-        eps: the smallest ``eps`` of its parameter groups (an adaptive optimizer's update shrinks below it).
+        eps: the smallest ``eps`` of its parameter groups (an adaptive optimizer's update shrinks below it); 0 for an
+            adaptive optimizer without one (Lion's sign update has full size for any nonzero gradient).
     """
 
-    has_norm: bool = False
-    has_residual: bool = False
+    has_norm: bool | None = None
+    has_residual: bool | None = None
     optimizer: str | None = None
     adaptive: bool | None = None
     eps: float | None = None
+
+
+def output_side(profile: list, fraction: float = 0.25) -> list:
+    """The output side of a profile in forward order: its last ``fraction`` (at least one entry)."""
+    return profile[-max(1, int(round(len(profile) * fraction))):]
 
 
 def output_side_reference(profile: list[tuple[str, float]], fraction: float = 0.25) -> float:
@@ -63,8 +67,13 @@ def output_side_reference(profile: list[tuple[str, float]], fraction: float = 0.
     The largest, not a median: in a network whose residual branches are small by design the last layers are mostly
     inside such branches, and only the largest signal there is the gradient the residual stream carries.
     """
-    k = max(1, int(round(len(profile) * fraction)))
-    return max(s for _, s in profile[-k:])
+    return max(s for _, s in output_side(profile, fraction))
+
+
+def _check_positive(name: str, value, kind=(int, float)) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+        want = "a positive int" if kind is int else "a positive number"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
 
 
 def _sites_with(record: StepRecord, layers: list[dict], key: str):
@@ -88,8 +97,9 @@ def activation_after(layers: list[dict], name: str) -> str | None:
         if seen:
             if e.get("params"):
                 return None
-            if e.get("module") in SATURATING or e.get("module") in ("ReLU", "ReLU6", "F.relu") \
-                    and not e.get("role"):
+            if e.get("role"):
+                continue  # a gate, or the tanh inside a GELU: not the layer's activation
+            if e.get("module") in SATURATING or e.get("module") in ("ReLU", "ReLU6", "F.relu"):
                 return e["module"]
         elif e["name"] == name:
             seen = True
@@ -115,9 +125,9 @@ def vanishing_hint(layers: list[dict], name: str, context: Context) -> str:
     else:
         tips.append("use Kaiming initialisation for ReLU-family layers (Xavier for tanh), so each layer keeps the "
                     "gradient's scale")
-    if not context.has_norm:
+    if context.has_norm is False:
         tips.append("add normalisation (BatchNorm/LayerNorm)")
-    if not context.has_residual:
+    if context.has_residual is False:
         tips.append("add residual connections so the gradient has a short path to early layers")
     text = "; ".join(tips) + "."
     return text + (" " + ADAM_NOTE if context.adaptive is None else "")
@@ -127,9 +137,11 @@ ZERO_HINT = ("look downstream for ReLUs that are all dead (lower the learning ra
              ".detach() or torch.no_grad() in forward, or for a frozen zero-initialised layer.")
 
 
-def _depth_message(depth: int, n: int, r: float, s: float, ref: float, more: str) -> str:
-    return (f"the gradient signal reaching this layer (depth {depth + 1} of {n}) and every layer before it is at most "
-            f"{r:.1e} of the output side's ({s:.2e} vs {ref:.2e}){more}")
+def _depth_message(depth: int, n: int, r: float, path: float, ref: float, relation: str, more: str) -> str:
+    """``relation``: "at most ... of" (vanishing: ``path`` is the largest signal up to the layer) or "at least ...
+    times" (exploding: the smallest)."""
+    return (f"the gradient signal reaching this layer (depth {depth + 1} of {n}) and every layer before it is "
+            f"{relation.format(r=r)} the output side's ({path:.2e} vs {ref:.2e}){more}")
 
 
 @dataclass
@@ -167,6 +179,11 @@ class Vanishing:
     _zero_before: set = field(default_factory=set, init=False, repr=False)
     _held: dict = field(default_factory=dict, init=False, repr=False)
 
+    def __post_init__(self):
+        _check_positive("patience", self.patience, int)
+        for name in ("ratio", "recovery", "output_side"):
+            _check_positive(name, getattr(self, name))
+
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
         out: dict[str, Alert] = {}
         zero_now: set[str] = set()
@@ -183,8 +200,7 @@ class Vanishing:
         held: dict[str, deque] = {}
         if len(profile) >= 2:
             ref = output_side_reference(profile, self.output_side)
-            k = max(1, int(round(len(profile) * self.output_side)))
-            updates = [record.layers[n].get("update_ratio") for n, _ in profile[-k:]]
+            updates = [record.layers[n].get("update_ratio") for n, _ in output_side(profile, self.output_side)]
             update_ref = max((u for u in updates if _finite(u)), default=0.0)
             best = 0.0
             for depth, (name, s) in enumerate(profile[:-1]):
@@ -208,8 +224,8 @@ class Vanishing:
                     continue  # not yet persistent, or recovering by itself (a warm-up of small-by-design paths)
                 n = len(profile)
                 out[name] = Alert(self.kind, name, record.step, r, self.ratio,
-                                  _depth_message(depth, n, r, s, ref, f" on {self.patience} collected steps in a row, "
-                                                 "so it barely learns."),
+                                  _depth_message(depth, n, r, best, ref, "at most {r:.1e} of",
+                                                 f" on {self.patience} collected steps in a row, so it barely learns."),
                                   vanishing_hint(layers, name, ctx), "backprop_signal_ratio")
         self._held = held
         for e in layers:
@@ -237,10 +253,10 @@ def exploding_hint(kind: str, layers: list[dict], name: str, context: Context) -
     else:
         tips = ["check the initialisation scale (weights larger than identity amplify the gradient at every layer; "
                 "use Kaiming/Xavier init)", "clip the gradient norm (torch.nn.utils.clip_grad_norm_)"]
-        if not context.has_residual:
+        if context.has_residual is False:
             tips.append("add residual connections (deep plain stacks with BatchNorm amplify the gradient towards the "
                         "input at init)")
-    if kind != "spike" and not context.has_norm:
+    if kind != "spike" and context.has_norm is False:
         tips.append("add normalisation (BatchNorm/LayerNorm)")
     return "; ".join(tips) + "."
 
@@ -253,7 +269,7 @@ FLOAT32_SQUARE_MAX = 1.8e19
 class Exploding:
     """The gradient grows towards the input, grows back through time, or jumps.
 
-    Three conditions, each ``kind="exploding"`` with its own ``metric``:
+    Four conditions, each ``kind="exploding"`` with its own ``metric``:
 
     * ``backprop_signal_ratio`` -- depth: every layer from the input up to layer i gets more than ``ratio`` times the
       output-side level (weights above identity; deep plain stacks with BatchNorm at init).
@@ -282,13 +298,17 @@ class Exploding:
     _norms: deque = field(default=None, init=False, repr=False)
     _losses: deque = field(default=None, init=False, repr=False)
     _layer_norms: dict = field(default_factory=dict, init=False, repr=False)
+    _loss_max: float = field(default=-math.inf, init=False, repr=False)
 
     def __post_init__(self):
+        _check_positive("window", self.window, int)
+        for name in ("ratio", "jump", "loss_jump"):
+            _check_positive(name, getattr(self, name))
         self._norms = deque(maxlen=self.window)
         self._losses = deque(maxlen=self.window)
 
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
-        out: dict[str, Alert] = {}
+        out: dict = {}  # layer name (or (root, metric) for the whole-model spike) -> Alert
         ctx = self.context
         profile = signal_profile(record, layers)
         if len(profile) >= 2:
@@ -299,11 +319,10 @@ class Exploding:
                 if not ref > 0 or low <= self.ratio * ref:
                     break
                 r = low / ref
-                out[name] = Alert(
-                    self.kind, name, record.step, r, self.ratio,
-                    f"the gradient signal reaching this layer (depth {depth + 1} of {len(profile)}) and every layer "
-                    f"before it is at least {r:.1e} times the output side's ({s:.2e} vs {ref:.2e}): it grows towards "
-                    "the input.", exploding_hint("depth", layers, name, ctx), "backprop_signal_ratio")
+                out[name] = Alert(self.kind, name, record.step, r, self.ratio,
+                                  _depth_message(depth, len(profile), r, low, ref, "at least {r:.1e} times",
+                                                 ": it grows towards the input."),
+                                  exploding_hint("depth", layers, name, ctx), "backprop_signal_ratio")
         for name, st, g in _sites_with(record, layers, "grad_norm"):
             if g > FLOAT32_SQUARE_MAX and name not in out:
                 out[name] = Alert(self.kind, name, record.step, g, FLOAT32_SQUARE_MAX,
@@ -318,43 +337,42 @@ class Exploding:
                     "times the gradient the last ones get: it grows back through time.",
                     exploding_hint("time", layers, name, ctx), "through_time_ratio")
         spike = self._spike(record, layers)
-        if spike is not None and spike.layer not in out:
-            out[spike.layer] = spike
+        if spike is not None:  # the whole model's condition: under the root's name, beside any per-layer one
+            out[(spike.layer, spike.metric)] = spike
         return list(out.values())
 
     def _spike(self, record: StepRecord, layers: list[dict]) -> Alert | None:
         """The instability check on the whole model; updates the history of norms and losses."""
-        norms = {e["name"]: record.layers[e["name"]]["grad_norm"] for e in layers
-                 if e.get("params") and _finite(record.layers.get(e["name"], {}).get("grad_norm"))}
-        total = math.sqrt(math.fsum(g * g for g in norms.values())) if norms else math.nan
+        norms = layer_grad_norms(record, layers)
+        total = global_grad_norm(norms)
         loss = record.info.get("loss")
         loss = loss if _finite(loss) else None
         fired = None
         if _finite(total) and total > 0 and self._norms:
-            median = _median(self._norms)
+            median = statistics.median(self._norms)
             if total > self.jump * median:
                 fired = ("grad_norm_spike", total / median, self.jump,
                          f"the model's gradient norm jumped to {total:.2e}, {total / median:.0f} times its median "
                          f"{median:.2e} over the last {len(self._norms)} collected steps")
         if fired is None and loss is not None and loss > 0 and self._losses:
-            median = _median(self._losses)
-            if median > 0 and loss > self.loss_jump * median:
+            median = statistics.median(self._losses)
+            # above every loss seen so far too: a loss near zero late in training that moves to 0.05 is no spike
+            if median > 0 and loss > self.loss_jump * median and loss > self._loss_max:
                 fired = ("loss_spike", loss / median, self.loss_jump,
                          f"the loss jumped to {loss:.3g}, {loss / median:.0f} times its median {median:.3g} over the "
-                         f"last {len(self._losses)} collected steps")
+                         f"last {len(self._losses)} collected steps and above any loss so far")
         alert = None
         if fired is not None:
             metric, value, threshold, text = fired
             jumped = sorted(((g / self._layer_norms[n], n) for n, g in norms.items()
                              if self._layer_norms.get(n, 0) > 0), reverse=True)
-            where = jumped[0][1] if jumped else next(iter(norms), "")
             if jumped:
                 most = ", ".join(f"{n or '(root)'} {x:.0f}x" for x, n in jumped[:3])
                 text += f"; the layers whose gradient jumped most: {most}"
             if loss is not None and metric == "grad_norm_spike" and self._losses:
-                text += f" (loss {_median(self._losses):.3g} -> {loss:.3g})"
-            alert = Alert(self.kind, where, record.step, value, threshold, text + ": the training is unstable.",
-                          exploding_hint("spike", layers, where, self.context), metric)
+                text += f" (loss {statistics.median(self._losses):.3g} -> {loss:.3g})"
+            alert = Alert(self.kind, "", record.step, value, threshold, text + ": the training is unstable.",
+                          exploding_hint("spike", layers, "", self.context), metric)
         if _finite(total) and total > 0:
             self._norms.append(total)
             for n, g in norms.items():  # each layer's running geometric mean, to name the layers that jumped
@@ -363,13 +381,19 @@ class Exploding:
                     self._layer_norms[n] = g if old is None else math.exp(0.7 * math.log(old) + 0.3 * math.log(g))
         if loss is not None:
             self._losses.append(loss)
+            self._loss_max = max(self._loss_max, loss)
         return alert
 
 
-def _median(values) -> float:
-    v = sorted(values)
-    n = len(v)
-    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+def layer_grad_norms(record: StepRecord, layers: list[dict]) -> dict[str, float]:
+    """``{layer: grad_norm}`` of the parameterised layers with a finite gradient norm this step."""
+    return {e["name"]: record.layers[e["name"]]["grad_norm"] for e in layers
+            if e.get("params") and _finite(record.layers.get(e["name"], {}).get("grad_norm"))}
+
+
+def global_grad_norm(norms: dict[str, float]) -> float:
+    """The whole model's gradient norm from its layers' (what ``clip_grad_norm_`` returns); nan without layers."""
+    return math.sqrt(math.fsum(g * g for g in norms.values())) if norms else math.nan
 
 
 @dataclass
@@ -448,7 +472,7 @@ class DeadUnits:
             return []  # NaN outputs count as "not fired": a NaN step says nothing about dead units (nonfinite does)
         hint = ("lower the learning rate (a large update pushes biases far negative); use LeakyReLU or GELU, which keep "
                 "a gradient for negative inputs; use Kaiming initialisation"
-                + ("" if self.context.has_norm else "; add normalisation (BatchNorm) before the ReLU") + ".")
+                + ("; add normalisation (BatchNorm) before the ReLU" if self.context.has_norm is False else "") + ".")
         return [Alert(self.kind, name, record.step, frac, self.threshold,
                       f"{int(st['dead_units'])} of {int(st['units'])} units ({100 * frac:.0f}%) have not fired on any "
                       f"of the last samples of the window: they pass no gradient and no longer learn.",
@@ -476,7 +500,7 @@ class Saturation:
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
         gates = {e["name"] for e in layers if e.get("role")}
         hint = ("use Xavier/Glorot initialisation for sigmoid/tanh, or smaller initial weights; normalise the inputs"
-                + ("" if self.context.has_norm else " and add BatchNorm/LayerNorm before the activation")
+                + (" and add BatchNorm/LayerNorm before the activation" if self.context.has_norm is False else "")
                 + "; prefer ReLU-family activations in hidden layers.")
         return [Alert(self.kind, name, record.step, sat, self.threshold,
                       f"{100 * sat:.0f}% of its outputs are at a bound (mean output "

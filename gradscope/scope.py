@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import warnings
@@ -14,10 +15,10 @@ from torch import nn
 
 from .alerts import Alert, AlertBook
 from .collect import Collector
-from .detectors import ADAPTIVE, NORMS, SATURATING, Context, Nonfinite, default_detectors
+from .detectors import ADAPTIVE, SATURATING, Context, Nonfinite, default_detectors
 from .record import FORMAT, FORMAT_VERSION, History, Run, StepRecord
 from .activations import through_time_summary
-from .stats import Transfer, max_abs, nonfinite_counts, nonzero_counts, norms, sum_by_key
+from .stats import Transfer, _wide, max_abs, nonfinite_counts, nonzero_counts, norms, sum_by_key
 
 # Models currently watched, so a second watch() on the same model fails loudly instead of doubling every hook. Values
 # are weak too: a scope holds its model, so a strong value would keep a never-detached model alive forever.
@@ -44,8 +45,18 @@ def _extra_stats(extra_stats) -> frozenset:
     return names
 
 
-_RESIDUAL_CLASS = re.compile(r"(Bottleneck|BasicBlock|Res(idual)?(Block|Unit|Layer)?|InvertedResidual|ConvNeXtBlock|"
-                             r"(Encoder|Decoder|Transformer)(Layer|Block)|Block|BertLayer)$")
+_RESIDUAL_CLASS = re.compile(r"^(Block|Bottleneck|BasicBlock|PreActBlock|Res(idual|net)?(Block|Unit|Layer)|InvertedResidual|"
+                             r"ConvNeXtBlock|BertLayer|\w*(Encoder|Decoder|Transformer)(Layer|Block)|"
+                             r"(GPT2|GPTNeo|GPTJ|T5|Bloom|Falcon|Swin|Mixer|Vit|ViT|CLIP|Siglip|Opt|OPT)\w*(Block|Layer))$")
+_NORM_CLASS = re.compile(r"(Batch|Layer|Group|Instance|Rms|RMS)Norm")
+
+
+def has_norm(model: nn.Module) -> bool:
+    """Whether ``model`` has normalisation layers: PyTorch's (BatchNorm/InstanceNorm, LayerNorm, GroupNorm, RMSNorm)
+    or any class named like one (``LlamaRMSNorm``, timm's ``LayerNorm2d``, ``BatchNormAct2d``)."""
+    kinds = tuple(c for c in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None))
+                  if c is not None)
+    return any(isinstance(m, kinds) or _NORM_CLASS.search(type(m).__name__) for m in model.modules())
 
 
 def has_residual(model: nn.Module) -> bool:
@@ -63,12 +74,14 @@ def has_residual(model: nn.Module) -> bool:
 
 
 def _context(model: nn.Module, optimizer) -> Context:
-    ctx = Context(has_norm=any(type(m).__name__ in NORMS for m in model.modules()), has_residual=has_residual(model))
+    ctx = Context(has_norm=has_norm(model), has_residual=has_residual(model))
     if optimizer is not None:
         ctx.optimizer = type(optimizer).__name__
         eps = [g["eps"] for g in optimizer.param_groups if isinstance(g.get("eps"), (int, float))]
         ctx.adaptive = ctx.optimizer in ADAPTIVE or bool(eps and "betas" in optimizer.defaults)
-        ctx.eps = min(eps) if eps else None
+        if ctx.adaptive:
+            # no float eps (Lion's sign update; Adafactor's pair of eps added to squares): any nonzero gradient moves
+            ctx.eps = float(min(eps)) if eps else 0.0
     return ctx
 
 
@@ -195,8 +208,9 @@ def _saturation_sums(parts: list) -> tuple[list, "torch.Tensor | None", "torch.T
     return sites, saturated, sum_by_key(parts, 2)[1], numel
 
 
-def _reduce_across_ranks(c) -> None:
-    """Make this step's activation-side buffers those of all ranks together, identical on every rank.
+def _reduce_across_ranks(c, loss=None):
+    """Make this step's activation-side buffers (and ``loss``, returned: the mean over ranks, the loss DDP optimises)
+    those of all ranks together, identical on every rank.
 
     One ``all_reduce`` (SUM) of every site's numbers in one float64 vector, preceded by a check that all ranks hold
     the same number of them (else the collective would hang or mix sites). Dead-unit counts and sample counts,
@@ -213,9 +227,11 @@ def _reduce_across_ranks(c) -> None:
     time_sites = list(c.through_time)
     pieces = [t for t in (sig, out, sat_k, sat_tot) if t is not None]
     pieces += [counts for _, counts, _ in c.dead_parts] + [c.through_time[s].profile for s in time_sites]
-    if not pieces:
-        return
-    device = pieces[0].device
+    if not pieces and loss is None:
+        return loss
+    device = pieces[0].device if pieces else loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
+    if loss is not None:
+        pieces.append(torch.as_tensor(loss, dtype=torch.float64, device=device).reshape(1))
     host = [float(v) for v in sat_numel.values()] + [float(n) for _, _, n in c.dead_parts]
     flat = torch.cat([t.reshape(-1).to(device, torch.float64) for t in pieces] +
                      [torch.tensor(host, dtype=torch.float64, device=device)])
@@ -223,11 +239,13 @@ def _reduce_across_ranks(c) -> None:
     dist.all_reduce(size, op=dist.ReduceOp.MAX)
     if size[0].item() != -size[1].item():
         raise RuntimeError("gradscope: the ranks collected different call sites this step (a branch taken on some "
-                           "ranks only?); every rank must call the same modules in the same order, as DDP itself "
+                           "ranks only? a loss given on some ranks only?); every rank must call the same modules in the same order, as DDP itself "
                            "expects without find_unused_parameters")
     dist.all_reduce(flat)
     parts = list(flat.split([t.numel() for t in pieces] + [len(host)]))
     host_sums = [int(round(v)) for v in parts.pop().tolist()]
+    if loss is not None:
+        loss = parts.pop() / world
     k = 0
     if sig is not None:
         c.signal_parts = list(zip(sig_sites, parts[k] / world ** 2))  # float64: tiny signals stay nonzero
@@ -247,6 +265,7 @@ def _reduce_across_ranks(c) -> None:
         tracker = c.through_time[site]
         tracker.profile = (parts[k] / world ** 2).to(tracker.profile.dtype).reshape(tracker.profile.shape)
         k += 1
+    return loss
 
 
 def _scale_tensor(scaler):
@@ -363,17 +382,26 @@ class Scope(Run):
         self._module_info = module_info
         self._param_layers = [m for m in module_info if module_info[m]["params"]]
         self._modules_by_name = weakref.WeakValueDictionary(dict(model.named_modules()))
+        for d in detectors:
+            owner = getattr(d, "_gradscope_scope", lambda: None)()
+            if owner is not None and getattr(owner, "_collector", None) is not None and owner.attached:
+                raise ValueError(f"{d!r} already serves {owner!r}: detectors keep per-run state, so give each "
+                                 "watch() its own instances (e.g. detectors=[gradscope.Vanishing(), ...] per model)")
         self.context = _context(model, optimizer)
         """What the detectors know about the model and its optimizer (:class:`gradscope.detectors.Context`)."""
         for d in detectors:
             if hasattr(d, "context"):
                 d.context = self.context
+            try:
+                d._gradscope_scope = weakref.ref(self)
+            except AttributeError:  # a detector with __slots__: it cannot be told apart, and is not refused
+                pass
         self._book = AlertBook(raise_on=raise_on, log=log_all_ranks or _rank() == 0)  # every rank detects alike
         self._num_steps = 0
         self._layers_seen = -1
         self._warned_no_backward = False
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "every": every, "model": type(model).__name__,
-                "torch_version": torch.__version__, "layers": []}
+                "torch_version": torch.__version__, "context": dataclasses.asdict(self.context), "layers": []}
         super().__init__(meta, hist, self._book.alerts)
 
         self._optimizer = optimizer
@@ -435,11 +463,11 @@ class Scope(Run):
         if not self.attached:
             raise RuntimeError("this scope is detached; call gradscope.watch(model) again to keep monitoring")
         _check_scaler(scaler)
-        if loss is not None:
-            self.record_loss(loss)
         if not self._collector.backward_seen:
             raise RuntimeError("scope.step() was called with no backward pass since the last step: call "
                                "loss.backward() before scope.step(), once per optimizer step")
+        if loss is not None:
+            self.record_loss(loss)
         return self._close_step(scaler if scaler is not None else self._scaler)
 
     def record_loss(self, loss) -> None:
@@ -453,7 +481,7 @@ class Scope(Run):
             if loss.numel() != 1 or loss.is_complex():
                 raise ValueError(f"loss must be the scalar loss (one element), got a tensor of shape {tuple(loss.shape)}; "
                                  "pass loss.mean() or the value you call backward() on")
-            value = loss.detach().reshape(()).to(torch.float64)
+            value = loss.detach().reshape(()).to(_wide(loss.device))
         elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
             value = float(loss)
         else:
@@ -651,7 +679,7 @@ class Scope(Run):
         use_snapshot = self._snapshot is not None and self._snapshot_step == step - 1
         extra = self._extra
         if self._reduce_ranks and _world_size() > 1:
-            _reduce_across_ranks(c)
+            self._loss = _reduce_across_ranks(c, self._loss)
 
         # fold this step's ReLU counts into the dead-unit states: a site observed k times is updated in k rounds
         rounds: list[list] = []
@@ -784,8 +812,8 @@ class Scope(Run):
         if self._loss is not None:
             loss = got["loss"][0] if isinstance(self._loss, torch.Tensor) else self._loss
         # a non-finite loss is never the scaler's doing: it scales the loss after it is computed
-        overflow = skipped or (scale_t is not None and backward_bad and not forward_nan
-                               and (loss is None or math.isfinite(loss)))
+        overflow = (skipped or (scale_t is not None and backward_bad and not forward_nan)) \
+            and (loss is None or math.isfinite(loss))
         info = {"grad_scale": scale, "overflow": overflow}
         if loss is not None:
             info["loss"] = loss

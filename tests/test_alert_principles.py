@@ -15,10 +15,11 @@ import torchvision
 from torch import nn
 
 import gradscope
+import gradscope.alerts
 from gradscope.detectors import Context, Exploding, output_side_reference
 from gradscope.models import cifar_resnet, deep_mlp
 from gradscope.record import StepRecord, signal_profile
-from gradscope.scope import has_residual
+from gradscope.scope import has_norm, has_residual
 
 
 class Branch(nn.Module):
@@ -162,13 +163,35 @@ def test_sudden_growth_fires_and_smooth_growth_does_not():
     for t in range(8):
         assert spike.check(rec(t, 1.0, 2.0, loss=2.3), layers) == []
     new = spike.check(rec(8, 300.0, 2.5, loss=2.4), layers)
-    assert [(a.kind, a.layer, a.metric) for a in new] == [("exploding", "a", "grad_norm_spike")]
+    # the whole model's condition, on the root; the layer that jumped most is named in the message
+    assert [(a.kind, a.layer, a.metric) for a in new] == [("exploding", "", "grad_norm_spike")]
     assert new[0].value == pytest.approx(math.hypot(300, 2.5) / math.hypot(1, 2), rel=1e-9)
+    assert "jumped most: a 300x" in new[0].message
     loss_spike = Exploding()
     for t in range(5):
         loss_spike.check(rec(t, 1.0, 1.0, loss=2.3 - 0.01 * t), layers)
     new = loss_spike.check(rec(5, 1.2, 1.0, loss=61.0), layers)
     assert [a.metric for a in new] == ["loss_spike"] and "61" in new[0].message
+    # near convergence: a loss of 0.002 moving to 0.05 is 25x its median but below the run's early losses
+    calm = Exploding()
+    for t, loss in enumerate([2.3] + [0.002] * 19):
+        calm.check(rec(t, 1.0, 1.0, loss=loss), layers)
+    assert calm.check(rec(20, 1.0, 1.0, loss=0.05), layers) == []
+
+
+def test_a_spike_is_reported_beside_a_layer_that_already_explodes_with_depth():
+    layers = [{"name": n, "module": "Linear", "params": 10, "profile": True} for n in "abcd"]
+
+    def rec(step, scale):  # a, b, c get > 1e3x the output side's signal (d): a depth condition on every step
+        sig = {"a": 1e4, "b": 1e4, "c": 1e4, "d": 1.0}
+        return StepRecord(step, {n: {"grad_norm": scale, "backprop_signal": sig[n]} for n in "abcd"})
+
+    book = gradscope.alerts.AlertBook(log=False)
+    detector = Exploding()
+    fired = [book.update(detector.check(rec(t, 1e4 if t == 6 else 1.0), layers)) for t in range(8)]
+    assert {(a.layer, a.metric) for a in fired[0]} == {("a", "backprop_signal_ratio"), ("b", "backprop_signal_ratio"),
+                                                      ("c", "backprop_signal_ratio")}
+    assert [(a.step, a.layer, a.metric) for a in fired[6]] == [(6, "", "grad_norm_spike")]
 
 
 def test_a_non_finite_loss_under_a_grad_scaler_is_an_alert_not_an_overflow():
@@ -232,9 +255,36 @@ def test_gates_and_activations_inside_activations_are_not_saturation_sites():
     scope.detach()
 
 
+class ConvBlock(nn.Module):  # a plain block: its name ends in "Block", it has no shortcut
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+class MistralRMSNorm(nn.Module):  # a norm class of another library, by its name only
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 def test_remedies_never_recommend_what_the_model_already_has():
     assert has_residual(torchvision.models.resnet18()) and has_residual(cifar_resnet(20))
+    assert has_residual(nn.TransformerEncoderLayer(8, 2))
     assert not has_residual(cifar_resnet(20, shortcuts=False)) and not has_residual(deep_mlp(4, 8))
+    assert not has_residual(nn.Sequential(ConvBlock(), ConvBlock()))
+    assert has_norm(nn.Sequential(nn.Linear(4, 4), MistralRMSNorm(4))) and has_norm(nn.InstanceNorm2d(3))
+    assert not has_norm(deep_mlp(4, 8))
+    # a detector on its own (no scope) does not know what the model has, so it recommends neither
+    assert Context().has_norm is None
+    lone = [{"name": "0", "module": "Linear", "params": 4, "profile": True}]
+    hint = gradscope.detectors.vanishing_hint(lone, "0", Context())
+    assert "normalisation" not in hint and "residual" not in hint
     torch.manual_seed(0)
     bn = deep_mlp(20, 64, "sigmoid", in_features=16).append(nn.LayerNorm(10))  # has a norm, still vanishes
     opt = torch.optim.SGD(bn.parameters(), lr=0.01)
@@ -247,6 +297,21 @@ def test_remedies_never_recommend_what_the_model_already_has():
     assert all("add normalisation" in h and "residual" in h for h in hints[1])
     for s in scopes:
         s.detach()
+    # a residual model with norms is told neither; a tanh inside a GELU after a layer is not "the sigmoid/tanh after it"
+    resnet = gradscope.watch(cifar_resnet(20))
+    hint = gradscope.detectors.vanishing_hint(resnet.meta["layers"], "conv1", resnet.context)
+    assert resnet.context.has_norm and resnet.context.has_residual
+    assert "normalisation" not in hint and "residual" not in hint
+    resnet.detach()
+    gelu = nn.Sequential(nn.Linear(16, 16), TanhGELU(), nn.Linear(16, 10))
+    scope = gradscope.watch(gelu)
+    gelu(torch.randn(4, 16)).sum().backward()
+    scope.step()
+    assert scope.meta["layers"][1]["role"] == "inner"
+    assert gradscope.detectors.activation_after(scope.meta["layers"], "0") is None
+    assert "replace the sigmoid/tanh" not in gradscope.detectors.vanishing_hint(scope.meta["layers"], "0",
+                                                                               scope.context)
+    scope.detach()
 
 
 class Reader(nn.Module):

@@ -85,7 +85,9 @@ def test_optimizer_mode_gives_the_same_records_as_manual_steps():
     assert manual.history.steps == auto.history.steps == [0, 2, 4]
     for a, b in zip(manual.history, auto.history):
         assert a.layers == b.layers and a.params == b.params and a.info == b.info
-    assert manual.meta == auto.meta
+    # the same but for what the optimizer mode knows: the optimizer
+    assert {**manual.meta, "context": None} == {**auto.meta, "context": None}
+    assert auto.meta["context"] == {**manual.meta["context"], "optimizer": "SGD", "adaptive": False}
 
 
 def test_detach_leaves_the_model_exactly_as_found():
