@@ -33,6 +33,8 @@ class Alert:
         message: one sentence a person understands.
         hint: the remedy that fits the evidence.
         metric: which quantity ``value`` is (``"backprop_signal_ratio"``, ``"grad_norm"``, ...).
+        related: other layers the alert names, most involved first: for a whole-model spike (``layer=""``) the layers
+            whose gradient jumped most.
     """
 
     kind: str
@@ -43,6 +45,7 @@ class Alert:
     message: str
     hint: str
     metric: str = ""
+    related: tuple = ()
 
     def __str__(self) -> str:
         return f"[gradscope] step {self.step} {self.kind} in {self.layer or '(root)'}: {self.message} Hint: {self.hint}"

@@ -372,7 +372,7 @@ class Exploding:
             if loss is not None and metric == "grad_norm_spike" and self._losses:
                 text += f" (loss {statistics.median(self._losses):.3g} -> {loss:.3g})"
             alert = Alert(self.kind, "", record.step, value, threshold, text + ": the training is unstable.",
-                          exploding_hint("spike", layers, "", self.context), metric)
+                          exploding_hint("spike", layers, "", self.context), metric, tuple(n for _, n in jumped[:3]))
         if _finite(total) and total > 0:
             self._norms.append(total)
             for n, g in norms.items():  # each layer's running geometric mean, to name the layers that jumped

@@ -324,6 +324,10 @@ def load(path: str | os.PathLike, history: int | None = None) -> Run:
                 for key in ("kind", "layer", "message", "hint", "metric"):
                     if key in fields and not isinstance(fields[key], str):
                         raise ValueError(f"alert field {key!r} must be a string")
+                if "related" in fields:
+                    if not (isinstance(fields["related"], list) and all(isinstance(x, str) for x in fields["related"])):
+                        raise ValueError("alert field 'related' must be a list of layer names")
+                    fields["related"] = tuple(fields["related"])
                 fields["step"] = _int(row, "step")
                 for key in ("value", "threshold"):
                     v = fields.get(key)

@@ -596,10 +596,13 @@ def score_gradscope(label: Label, alerts, layer_depth, models, label_layers_ok=N
         s.latency = correct[0].step - label.onset
     if after:
         first = after[0]
-        s.first = f"{first.kind}@{first.step} {first.layer}"
+        where = first.layer if first.layer.rpartition("/")[2] else f"{first.layer}(root)"
+        s.first = f"{first.kind}@{first.step} {where}" + (f": {first.related[0]} most" if first.related else "")
         s.kind_ok = first.kind in label.kinds
-        tag, _, layer = first.layer.rpartition("/") if "/" in first.layer else ("", "", first.layer)
-        s.layer_ok = label.layers(layer, layer_depth.get(first.layer))
+        named = first.layer
+        if not named.rpartition("/")[2] and first.related:  # a whole-model alert: the layer it names first
+            named = f"{named}{first.related[0]}" if named.endswith("/") else first.related[0]
+        s.layer_ok = label.layers(named.rpartition("/")[2], layer_depth.get(named))
         s.remedy_ok = remedy_fits(first, label, models)
     return s
 
@@ -647,7 +650,7 @@ def run_case(case: Case, verbose: bool = False) -> Result:
         for k, name in enumerate(names):
             depth[f"{tag}/{name}" if tag else name] = k / max(1, len(names) - 1)
         for a in scope.alerts:
-            alerts.append(a if not tag else type(a)(**{**a.to_dict(), "layer": f"{tag}/{a.layer}"}))
+            alerts.append(a if not tag else type(a)(**{**a.to_dict(), "layer": f"{tag}/{a.layer}"}))  # related: no tag
     alerts.sort(key=lambda a: a.step)  # stable: detector order within a step is kept
     jump = max((max_jump(scope) for scope in job.scopes.values()), default=math.nan)
     score = score_gradscope(case.label, alerts, depth, list(job.models.values()))

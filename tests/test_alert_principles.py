@@ -166,7 +166,7 @@ def test_sudden_growth_fires_and_smooth_growth_does_not():
     # the whole model's condition, on the root; the layer that jumped most is named in the message
     assert [(a.kind, a.layer, a.metric) for a in new] == [("exploding", "", "grad_norm_spike")]
     assert new[0].value == pytest.approx(math.hypot(300, 2.5) / math.hypot(1, 2), rel=1e-9)
-    assert "jumped most: a 300x" in new[0].message
+    assert "jumped most: a 300x" in new[0].message and new[0].related == ("a", "b")
     loss_spike = Exploding()
     for t in range(5):
         loss_spike.check(rec(t, 1.0, 1.0, loss=2.3 - 0.01 * t), layers)
@@ -362,3 +362,22 @@ def test_after_a_nan_only_the_nan_is_reported_not_dead_units():
     assert scope.latest()["1"]["dead_fraction"] == 1.0  # measured: NaN never "fires"
     assert [(a.kind, a.layer, a.step) for a in scope.alerts] == [("nonfinite", "0", 0)]
     scope.detach()
+
+
+def test_a_spike_alert_round_trips_with_the_layers_it_names(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    scope = gradscope.watch(model)
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+    for step in range(4):
+        (F.cross_entropy(model(x), y) * (1e4 if step == 3 else 1.0)).backward()
+        scope.step()
+        model.zero_grad()
+    scope.detach()
+    spike = scope.alerts[-1]
+    assert spike.metric == "grad_norm_spike" and set(spike.related) == {"0", "2"}
+    scope.save(tmp_path / "run.jsonl")
+    assert gradscope.load(tmp_path / "run.jsonl").alerts == scope.alerts
+    text = (tmp_path / "run.jsonl").read_text().replace('"related": ["', '"related": [5, "')
+    (tmp_path / "bad.jsonl").write_text(text)
+    with pytest.raises(ValueError, match="related"):
+        gradscope.load(tmp_path / "bad.jsonl")
