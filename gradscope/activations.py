@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from .stats import _wide
+
 MODULE_KINDS = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
                 nn.RNN: "recurrent", nn.LSTM: "recurrent", nn.GRU: "recurrent"}
 FUNCTION_KINDS = {
@@ -225,7 +227,7 @@ class ThroughTime:
 
     def observe_grad(self, grad: Tensor, batch_dim: int | None) -> None:
         # float64: the earliest steps of a plain RNN get gradients whose float32 squares underflow to 0
-        norms = torch.linalg.vector_norm(grad.detach(), dim=-1, dtype=torch.float64)  # (N, T), (T, N) or (T,)
+        norms = torch.linalg.vector_norm(grad.detach(), dim=-1, dtype=_wide(grad.device))  # (N, T), (T, N) or (T,)
         if batch_dim is not None:
             norms = norms.mean(dim=batch_dim)
         self.profile = norms if self.profile is None or self.profile.shape != norms.shape else self.profile + norms
