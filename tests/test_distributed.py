@@ -56,8 +56,9 @@ def worker(rank, world, init_file, out_dir):
         assert scope.model is ddp.module
         for x, y in batches(rank):
             opt.zero_grad()
-            F.cross_entropy(ddp(x), y).backward()
-            scope.step()
+            loss = F.cross_entropy(ddp(x), y)
+            loss.backward()
+            scope.step(loss=loss)  # each rank its own batch's loss: the scope records their mean on every rank
             opt.step()
         scope.save(f"{out_dir}/rank{rank}.jsonl")
         scope.detach()
@@ -75,8 +76,9 @@ def test_two_ranks_agree_with_one_process_on_the_union(tmp_path):
     scope = gradscope.watch(model, dead_window=WINDOW)
     for (x0, y0), (x1, y1) in zip(batches(0), batches(1)):
         opt.zero_grad()
-        F.cross_entropy(model(torch.cat([x0, x1])), torch.cat([y0, y1])).backward()
-        scope.step()
+        loss = F.cross_entropy(model(torch.cat([x0, x1])), torch.cat([y0, y1]))
+        loss.backward()
+        scope.step(loss=loss)
         opt.step()
 
     keys = ("dead_fraction", "dead_units", "fire_rate", "saturation", "mean_output", "grad_norm", "backprop_signal")
@@ -85,6 +87,8 @@ def test_two_ranks_agree_with_one_process_on_the_union(tmp_path):
         want = scope.history[step].layers
         got0, got1 = ranks[0].history[step].layers, ranks[1].history[step].layers
         assert got0.keys() == got1.keys() == want.keys()
+        losses = [r.history[step].info["loss"] for r in ranks]
+        assert losses[0] == losses[1] == pytest.approx(scope.history[step].info["loss"], rel=1e-6)
         for layer, st in want.items():
             for key in keys:
                 if key not in st:
