@@ -9,7 +9,7 @@ from torch import nn
 
 from .record import Run
 from .detectors import Vanishing, default_detectors
-from .scope import _WATCHED, watch
+from .scope import watch, watched_by
 
 
 class AuditReport(Run):
@@ -44,7 +44,7 @@ def audit(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = Non
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gradscope.audit() expects a torch.nn.Module, got {type(model).__name__}")
-    if model in _WATCHED:
+    if watched_by(model) is not None:
         raise ValueError("this model is being watched; audit it before gradscope.watch() or after scope.detach()")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, e.g. torch.nn.functional.cross_entropy; got {loss_fn!r}")

@@ -72,7 +72,11 @@ def gradient_flow(source, path=None, step: int | None = None):
     plt = _plt()
     run = as_run(source)
     _need_steps(run)
-    rec = run.history.last if step is None else next(r for r in run.history.records() if r.step == step)
+    rec = run.history.last if step is None else next((r for r in run.history.records() if r.step == step), None)
+    if rec is None:
+        kept = run.history.steps
+        raise ValueError(f"no collected step {step!r} in this run" + (f"; kept steps run from {kept[0]} to {kept[-1]}"
+                                                                    if kept else " (nothing collected yet)"))
     layers = [e for e in run.meta["layers"] if e.get("profile") and e["name"] in rec.layers]
     names = [e["name"] for e in layers]
     x = range(len(names))

@@ -155,9 +155,18 @@ class Run:
         src = last.layers if per == "layer" else last.params
         return {name: dict(stats) for name, stats in src.items()}
 
+    def _record(self, record) -> "StepRecord | None":
+        """``record``, or the last one when None; a clear error for anything else."""
+        if record is None:
+            return self.history.last
+        if not isinstance(record, StepRecord):
+            raise TypeError(f"record must be a StepRecord (e.g. scope.history[-1]) or None for the last one, "
+                            f"got {record!r}")
+        return record
+
     def depth_profile(self, record: StepRecord | None = None) -> list[tuple[str, float]]:
         """``[(name, backprop_signal)]`` from input to output over the profile sites (leaf or parameterised modules)."""
-        record = record or self.history.last
+        record = self._record(record)
         if record is None:
             return []
         out = []
@@ -174,7 +183,7 @@ class Run:
         ``(s_input / s_output) ** (1 / (n - 1))`` over the parameterised layers with a finite positive signal:
         about 1 is healthy, well below 1 means vanishing towards the input, above 1 exploding. ``nan`` if undefined.
         """
-        record = record or self.history.last
+        record = self._record(record)
         if record is None:
             return math.nan
         sig = [s for _, s in signal_profile(record, self.meta.get("layers", [])) if s > 0]
@@ -185,7 +194,7 @@ class Run:
     def signal_ratio(self, record: StepRecord | None = None) -> float:
         """Backprop signal of the first parameterised layer over that of the last (input side / output side);
         ``nan`` with fewer than two layers or no output-side signal."""
-        record = record or self.history.last
+        record = self._record(record)
         profile = signal_profile(record, self.meta.get("layers", [])) if record is not None else []
         if len(profile) < 2 or not profile[-1][1] > 0:
             return math.nan
@@ -202,6 +211,8 @@ class Run:
         (see :mod:`gradscope.figures`; needs matplotlib). Saved to ``path`` when given."""
         from . import figures
 
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a file path (str or os.PathLike) or None, got {path!r}")
         if kind not in figures.FIGURES:
             raise ValueError(f"kind must be one of {sorted(figures.FIGURES)}, got {kind!r}")
         return figures.FIGURES[kind](self, path=path, **kwargs)
@@ -280,6 +291,8 @@ def load(path: str | os.PathLike, history: int | None = None) -> Run:
         FileNotFoundError: no such file.
         ValueError: the file is not a valid gradscope log (the message names the line that failed).
     """
+    if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 2):
+        raise ValueError(f"history must be None (keep every record) or an int >= 2, got {history!r}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no gradscope log at {path!r}; pass the path given to scope.save()")

@@ -35,9 +35,20 @@ EXTRA_STATS = {
 descriptive, and each is a full pass over every gradient or weight on each collected step, so they are opt-in."""
 
 
+def _iterable(x) -> bool:
+    try:
+        iter(x)
+    except TypeError:
+        return False
+    return True
+
+
 def _extra_stats(extra_stats) -> frozenset:
     if extra_stats == "all":
         return frozenset(EXTRA_STATS)
+    if not isinstance(extra_stats, str) and not (_iterable(extra_stats) and all(isinstance(n, str) for n in extra_stats)):
+        raise TypeError(f"extra_stats must be a statistic name, a collection of them or 'all', got {extra_stats!r}; "
+                        f"e.g. extra_stats=('grad_max',) or () for none")
     names = frozenset({extra_stats} if isinstance(extra_stats, str) else extra_stats)
     if names - EXTRA_STATS.keys():
         raise ValueError(f"unknown extra_stats {sorted(names - EXTRA_STATS.keys())}; choose from "
@@ -334,17 +345,28 @@ class Scope(Run):
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         _check_scaler(scaler)
+        if detectors is not None and (isinstance(detectors, (str, bytes)) or not _iterable(detectors)):
+            raise TypeError(f"detectors must be a list of detector instances, got {detectors!r}; e.g. "
+                            "detectors=[gradscope.Vanishing(ratio=1e-4), gradscope.Nonfinite()] (or [] for none)")
         detectors = default_detectors() if detectors is None else list(detectors)
         for d in detectors:
             if not (isinstance(getattr(d, "kind", None), str) and callable(getattr(d, "check", None))):
                 raise TypeError(f"{d!r} is not a detector: it needs a 'kind' string and a check(record, layers) method")
         kinds = {d.kind for d in detectors}
+        if not isinstance(raise_on, str) and not (_iterable(raise_on) and all(isinstance(k, str) for k in raise_on)):
+            raise TypeError(f"raise_on must be an alert kind or a collection of them, got {raise_on!r}; "
+                            "e.g. raise_on={'nonfinite'}")
         raise_on = frozenset({raise_on} if isinstance(raise_on, str) else raise_on)
         if raise_on - kinds:
             raise ValueError(f"raise_on names unknown alert kinds {sorted(raise_on - kinds)}; "
                              f"the detectors in use raise {sorted(kinds)}")
         hist = History(history)
         extra = _extra_stats(extra_stats)
+        for name, flag in (("functional", functional), ("update_ratio", update_ratio), ("log_all_ranks", log_all_ranks)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if reduce_ranks is not None and not isinstance(reduce_ranks, bool):
+            raise TypeError(f"reduce_ranks must be True, False or None (automatic), got {reduce_ranks!r}")
         if isinstance(dead_window, bool) or not isinstance(dead_window, int) or dead_window < 1:
             raise ValueError(f"dead_window must be a positive int (samples), got {dead_window!r}; e.g. dead_window=1000")
         if not isinstance(saturation_eps, (int, float)) or not 0 < saturation_eps < 1:
@@ -525,7 +547,8 @@ class Scope(Run):
         if self._opt_handle is not None:
             self._opt_handle.remove()
             self._opt_handle = None
-        if watched_by(self.model) is self or self.model in _WATCHED and _WATCHED[self.model]() is None:
+        ref = _WATCHED.get(self.model)
+        if ref is not None and ref() in (self, None):  # this scope's entry (or a dead one): the model is free again
             del _WATCHED[self.model]
 
     def __del__(self):
