@@ -225,7 +225,8 @@ class Vanishing:
                 n = len(profile)
                 out[name] = Alert(self.kind, name, record.step, r, self.ratio,
                                   _depth_message(depth, n, r, best, ref, "at most {r:.1e} of",
-                                                 f" on {self.patience} collected steps in a row, so it barely learns."),
+                                                 (f" on {self.patience} collected steps in a row" if self.patience > 1
+                                                  else "") + ", so it barely learns."),
                                   vanishing_hint(layers, name, ctx), "backprop_signal_ratio")
         self._held = held
         for e in layers:

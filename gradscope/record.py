@@ -10,6 +10,7 @@ opens it. Every line has a ``"type"``:
   (``through_time`` of a recurrent layer is a list, one value per time step).
 * ``"param"``: one per parameter and collected step: ``step``, ``name`` (qualified parameter name) and its statistics.
 * ``"alert"``: one per alert, with the fields of :class:`gradscope.Alert`.
+* ``"end"`` (last line, format version 2): ``steps`` and ``alerts``, the counts of what the file holds.
 
 JSON has no NaN or infinity, so non-finite statistics are written as ``null`` and read back as ``nan``; the
 ``grad_nonfinite`` count keeps how many NaN/Inf entries a gradient had.
@@ -17,9 +18,12 @@ JSON has no NaN or infinity, so non-finite statistics are written as ``null`` an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import tempfile
+import warnings
 from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -27,7 +31,7 @@ from typing import Any, Iterator
 from .alerts import Alert
 
 FORMAT = "gradscope"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an "end" line closes every file, with its counts of steps and alerts
 
 
 @dataclass
@@ -218,18 +222,38 @@ class Run:
         return figures.FIGURES[kind](self, path=path, **kwargs)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the run as JSON Lines (see the module docstring for the layout)."""
+        """Write the run as JSON Lines (see the module docstring for the layout), atomically.
+
+        The file is written beside ``path`` under a temporary name, flushed to disk and then renamed over ``path``:
+        a save that is killed half-way leaves the previous file as it was. The last line (``"type": "end"``) counts
+        the steps and alerts, so :func:`load` can tell a complete file from one cut short by other means.
+        """
         path = os.fspath(path)
-        with open(path, "w", encoding="utf-8") as f:
-            _write(f, {"type": "meta", **self.meta})
-            for rec in self.history.records():
-                _write(f, {"type": "step", "step": rec.step, **rec.info})
-                for name, stats in rec.layers.items():
-                    _write(f, {"type": "layer", "step": rec.step, "name": name, **stats})
-                for name, stats in rec.params.items():
-                    _write(f, {"type": "param", "step": rec.step, "name": name, **stats})
-            for a in self._alerts:
-                _write(f, {"type": "alert", **a.to_dict()})
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                _write(f, {"type": "meta", **self.meta})
+                records = self.history.records()
+                for rec in records:
+                    _write(f, {"type": "step", "step": rec.step, **rec.info})
+                    for name, stats in rec.layers.items():
+                        _write(f, {"type": "layer", "step": rec.step, "name": name, **stats})
+                    for name, stats in rec.params.items():
+                        _write(f, {"type": "param", "step": rec.step, "name": name, **stats})
+                for a in self._alerts:
+                    _write(f, {"type": "alert", **a.to_dict()})
+                _write(f, {"type": "end", "steps": len(records), "alerts": len(self._alerts)})
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it (mkstemp makes 0600)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def _clean(v):
@@ -284,13 +308,21 @@ def _int(row: dict, key: str) -> int:
     return v
 
 
-def load(path: str | os.PathLike, history: int | None = None) -> Run:
+def load(path: str | os.PathLike, history: int | None = None, partial: bool = False) -> Run:
     """Read a run written by ``scope.save()``. Parses JSON only; never unpickles.
+
+    Args:
+        history: the most records kept in memory (None: all of them).
+        partial: recover a file that was cut short (no end line, or a last line cut mid-way): every complete step
+            before the cut is loaded, with a warning that says what is missing; without it such a file is refused.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a valid gradscope log (the message names the line that failed).
+        ValueError: the file is not a valid gradscope log (the message names the line that failed), or it was cut
+            short and ``partial`` is False.
     """
+    if not isinstance(partial, bool):
+        raise TypeError(f"partial must be True or False, got {partial!r}")
     if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 2):
         raise ValueError(f"history must be None (keep every record) or an int >= 2, got {history!r}")
     path = os.fspath(path)
@@ -304,12 +336,19 @@ def load(path: str | os.PathLike, history: int | None = None) -> Run:
     records: dict[int, StepRecord] = {}
     alerts: list[Alert] = []
     meta = None
+    end = None  # the line number of the end line
+    cut = None  # why the file is incomplete, if it is
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        if end is not None:
+            raise ValueError(f"{path!r} is not a valid gradscope log: line {i} comes after the end line {end}")
         try:
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as e:
+            if i == len(lines) and not line.endswith("\n") and meta is not None:
+                cut = f"its last line ({i}) was cut mid-way"
+                break
             raise ValueError(f"{path!r} is not a gradscope log: line {i} is not JSON ({e})") from None
         if not isinstance(row, dict) or "type" not in row:
             raise ValueError(f"{path!r} is not a gradscope log: line {i} has no 'type' field")
@@ -321,7 +360,13 @@ def load(path: str | os.PathLike, history: int | None = None) -> Run:
                 _check_meta(meta)
                 continue
             kind = row["type"]
-            if kind == "step":
+            if kind == "end":
+                want = (_int(row, "steps"), _int(row, "alerts"))
+                if want != (len(records), len(alerts)):
+                    raise ValueError(f"the end line counts {want[0]} steps and {want[1]} alerts, the file holds "
+                                     f"{len(records)} and {len(alerts)}: it was changed after it was saved")
+                end = i
+            elif kind == "step":
                 step = _int(row, "step")
                 rec = records.setdefault(step, StepRecord(step, {}, {}, {}))
                 rec.info.update(_stats(row, ("type", "step")))
@@ -354,6 +399,16 @@ def load(path: str | os.PathLike, history: int | None = None) -> Run:
             raise ValueError(f"{path!r} is not a valid gradscope log: line {i}: {e}") from None
     if meta is None:
         raise ValueError(f"{path!r} is empty, not a gradscope log")
+    if end is None and (cut is not None or meta["version"] >= 2):
+        cut = cut or "it has no end line"
+        if not partial:
+            raise ValueError(f"{path!r} was cut short ({cut}): it holds {len(records)} steps and {len(alerts)} "
+                             "alerts before the cut; gradscope.load(path, partial=True) recovers the complete steps")
+        if records:  # the last step may have lost some of its lines
+            records.pop(max(records))
+        warnings.warn(f"gradscope: {path!r} was cut short ({cut}); loaded its {len(records)} complete steps and "
+                      f"{len(alerts)} alerts (alerts are written after the steps: a file cut before them has none)",
+                      RuntimeWarning, stacklevel=2)
     hist = History(max(history or 0, len(records), 2))
     for step in sorted(records):
         hist.append(records[step])

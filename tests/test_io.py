@@ -55,7 +55,8 @@ def test_file_is_strict_json_lines_with_a_type_per_line(run_file):
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
             for line in path.read_text().splitlines()]
     assert rows[0]["type"] == "meta" and rows[0]["format"] == "gradscope"
-    assert {r["type"] for r in rows} == {"meta", "step", "layer", "param", "alert"}
+    assert {r["type"] for r in rows} == {"meta", "step", "layer", "param", "alert", "end"}
+    assert rows[-1] == {"type": "end", "steps": 3, "alerts": sum(r["type"] == "alert" for r in rows)}
     layer_rows = [r for r in rows if r["type"] == "layer" and r["step"] == 4 and r["name"] == "1"]
     assert layer_rows[0]["grad_norm"] is None  # NaN written as null
     assert layer_rows[0]["grad_nonfinite"] > 0

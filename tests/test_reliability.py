@@ -1,6 +1,7 @@
 """Issue 12 (reliability), the items done so far: every training dtype, audit after detach, clear errors on bad
 arguments of watch()/load()/plot()/decay_factor()/gradient_flow()."""
 
+import json
 import math
 
 import pytest
@@ -106,3 +107,57 @@ def test_reading_api_errors_name_the_fix():
         with pytest.raises(TypeError, match="record must be a StepRecord"):
             method(5)
     assert math.isfinite(scope.decay_factor(scope.history[-1]))
+
+
+def saved_run(tmp_path, steps=6):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 3))
+    scope = gradscope.watch(model, detectors=[gradscope.Vanishing(ratio=0.9, patience=1)])
+    for _ in range(steps):
+        F.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
+        scope.step()
+        model.zero_grad()
+    scope.detach()
+    path = tmp_path / "run.jsonl"
+    scope.save(path)
+    return scope, path
+
+
+def test_a_save_killed_half_way_leaves_the_previous_log_intact(tmp_path, monkeypatch):
+    scope, path = saved_run(tmp_path)
+    before = path.read_bytes()
+    calls = []
+
+    def dying_write(f, obj):
+        calls.append(obj["type"])
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the process is stopped in the middle of writing
+        f.write(json.dumps(obj) + "\n")
+
+    monkeypatch.setattr(gradscope.record, "_write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        scope.save(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["run.jsonl"]
+    assert gradscope.load(path).history.steps == scope.history.steps
+
+
+def test_a_cut_log_is_refused_or_recovered_and_says_so(tmp_path):
+    scope, path = saved_run(tmp_path)
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    assert json.loads(lines[-1]) == {"type": "end", "steps": 6, "alerts": len(scope.alerts)} and scope.alerts
+    cuts = {"no end line": "".join(lines[:-1]), "half the lines": "".join(lines[:len(lines) // 2]),
+            "cut mid-line": text[:len(text) // 2]}
+    for why, cut in cuts.items():
+        (tmp_path / "cut.jsonl").write_text(cut)
+        with pytest.raises(ValueError, match=r"cut short .* partial=True"):
+            gradscope.load(tmp_path / "cut.jsonl")
+        with pytest.warns(RuntimeWarning, match="cut short"):
+            run = gradscope.load(tmp_path / "cut.jsonl", partial=True)
+        assert set(run.history.steps) < set(scope.history.steps), why  # the complete steps, never more
+        for rec in run.history:
+            assert rec.layers == next(r for r in scope.history if r.step == rec.step).layers
+    (tmp_path / "edited.jsonl").write_text(text.replace(
+        lines[-1], json.dumps({"type": "end", "steps": 5, "alerts": len(scope.alerts)}) + "\n"))
+    with pytest.raises(ValueError, match="end line counts 5 steps"):
+        gradscope.load(tmp_path / "edited.jsonl")
