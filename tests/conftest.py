@@ -8,6 +8,7 @@ from torch import nn
 import gradscope
 
 from gradscope.data import find_cifar10_folder, load_cifar10_subset
+from gradscope.models import deep_mlp
 
 
 @pytest.fixture(autouse=True)
@@ -67,3 +68,21 @@ def train_watched(model, steps, batch, lr=0.01, **watch_kwargs):
         opt.zero_grad()
     scope.detach()
     return scope
+
+
+@pytest.fixture
+def run_file(tmp_path):
+    """A saved run: a 10-layer sigmoid MLP collected on steps 0, 2, 4, vanishing alerts, a NaN input at step 4."""
+    model = deep_mlp(10, 32, "sigmoid", in_features=12)
+    scope = gradscope.watch(model, every=2, detectors=[gradscope.Vanishing(patience=1), gradscope.Nonfinite()])
+    for step in range(5):
+        x = torch.randn(8, 12)
+        if step == 4:
+            x[0, 0] = float("nan")
+        F.cross_entropy(model(x), torch.randint(0, 10, (8,))).backward()
+        scope.step()
+        model.zero_grad()
+    scope.detach()
+    path = tmp_path / "run.jsonl"
+    scope.save(path)
+    return scope, path

@@ -13,23 +13,6 @@ from gradscope.models import deep_mlp
 from gradscope.record import History, StepRecord
 
 
-@pytest.fixture
-def run_file(tmp_path):
-    model = deep_mlp(10, 32, "sigmoid", in_features=12)
-    scope = gradscope.watch(model, every=2, detectors=[gradscope.Vanishing(patience=1), gradscope.Nonfinite()])
-    for step in range(5):
-        x = torch.randn(8, 12)
-        if step == 4:
-            x[0, 0] = float("nan")
-        F.cross_entropy(model(x), torch.randint(0, 10, (8,))).backward()
-        scope.step()
-        model.zero_grad()
-    scope.detach()
-    path = tmp_path / "run.jsonl"
-    scope.save(path)
-    return scope, path
-
-
 def test_round_trip(run_file):
     scope, path = run_file
     run = gradscope.load(path)
