@@ -403,7 +403,6 @@ class Scope(Run):
         self._params = params
         self._module_info = module_info
         self._param_layers = [m for m in module_info if module_info[m]["params"]]
-        self._modules_by_name = weakref.WeakValueDictionary(dict(model.named_modules()))
         for d in detectors:
             owner = getattr(d, "_gradscope_scope", lambda: None)()
             if owner is not None and getattr(owner, "_collector", None) is not None and owner.attached:
@@ -663,9 +662,9 @@ class Scope(Run):
             return
         self._layers_seen = len(order)
         entries = []
+        c = self._collector
         for site, mname in order.items():
             info = self._module_info[mname]
-            c = self._collector
             if site in c.functional_sites:  # "block:relu": a functional call inside block.forward
                 kind = c.functional_sites[site]
                 entries.append({"name": site, "module": f"F.{kind}", "params": 0, "profile": False})
@@ -674,7 +673,7 @@ class Scope(Run):
                 entries.append({"name": site, "module": info["module"],
                                 "params": info["params"] if site == mname else 0,
                                 "profile": mname in c.profile_modules})
-            role = activation_role(site, self._modules_by_name.get(mname), kind, site in c.broadcast_sites)
+            role = activation_role(site, self.model.get_submodule(mname), kind, site in c.broadcast_sites)
             if role:
                 entries[-1]["role"] = role
         for mname in self._param_layers:
