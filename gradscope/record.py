@@ -19,6 +19,7 @@ JSON has no NaN or infinity, so non-finite statistics are written as ``null`` an
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -270,42 +271,146 @@ def _write(f, obj: dict) -> None:
     f.write(json.dumps({k: _clean(v) for k, v in obj.items()}, allow_nan=False) + "\n")
 
 
-def _stats(row: dict, skip: tuple) -> dict:
+MAX_INT = 2**63  # step numbers, counts and sizes must fit an int64
+PROFILE_STATS = ("through_time",)  # the statistics that are lists, one value per time step
+# the fields of a meta "layers" entry that the reading code uses, and their types ("name" is required)
+LAYER_FIELDS = {"name": str, "module": str, "role": str, "profile": bool, "params": int, "depth": int}
+META_STRINGS = ("model", "label", "torch_version")
+
+
+def _short(v) -> str:
+    """``repr(v)`` cut to a length an error message can show (a 400-digit int, a long string)."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _number(v, what: str) -> None:
+    """Refuse anything but a JSON number: an int or float, not a bool. A float may be anything JSON gives (NaN,
+    Infinity and 1e999 included); an int, which the writer only uses for counts, must lie within +-2**63: one
+    larger would overflow a float, or a float's format() after the reading code scales it."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{what} is {type(v).__name__}, not a number")
+    if isinstance(v, int) and not -MAX_INT < v < MAX_INT:
+        raise ValueError(f"{what} {_short(v)} is too large: an int must lie within +-2**63 (write it as a float)")
+
+
+def _int(row: dict, key: str, low: int = 0, what: str | None = None) -> int:
+    """``row[key]``, refused unless it is an int with ``low <= value < 2**63``."""
+    what = what or repr(key)
+    if key not in row:
+        raise ValueError(f"{what} is missing")
+    v = row[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v < MAX_INT:
+        raise ValueError(f"{what} must be an int from {low} to 2**63 - 1, got {_short(v)}")
+    return v
+
+
+def _stats(row: dict, skip: tuple, info: bool = False) -> dict:
+    """The statistics of a layer/param line (``info=False``) or the facts of a step line (``info=True``: the
+    ``overflow`` flag makes bools allowed, no profile lists). ``null`` is read as ``nan``."""
     out = {}
     for k, v in row.items():
         if k in skip:
             continue
-        if isinstance(v, list):  # a profile such as through_time
-            if not all(x is None or isinstance(x, (int, float)) for x in v):
-                raise ValueError(f"statistic {k!r} must be a list of numbers")
+        if k in PROFILE_STATS and not info:
+            if not isinstance(v, list) or not v:
+                raise ValueError(f"statistic {k!r} must be a non-empty list of numbers, got {_short(v)}")
+            for x in v:
+                if x is not None:
+                    _number(x, f"an entry of statistic {k!r}")
             out[k] = array("f", [math.nan if x is None else x for x in v])
-            continue
-        if v is not None and not isinstance(v, (int, float, bool)):
-            raise ValueError(f"statistic {k!r} is {type(v).__name__}, not a number")
-        out[k] = math.nan if v is None else v
+        elif type(v) is float:  # the common case, checked first: any float is fine
+            out[k] = v
+        elif v is None:
+            out[k] = math.nan
+        elif info and isinstance(v, bool):
+            out[k] = v
+        else:
+            _number(v, f"statistic {k!r}")
+            out[k] = v
+    if "through_time" in out:
+        missing = [k for k in ("through_time_ratio", "through_time_reach") if k not in out]
+        if missing:
+            raise ValueError(f"a through_time profile comes with {' and '.join(map(repr, missing))}: missing")
+    if "through_time_reach" in out and not math.isfinite(out["through_time_reach"]):
+        raise ValueError(f"statistic 'through_time_reach' must be a finite number of steps, "
+                         f"got {out['through_time_reach']!r}")
     return out
+
+
+def _check_layer(e, j: int, seen: set) -> None:
+    """Entry ``j`` of the meta's layer table: an object whose fields in :data:`LAYER_FIELDS` have their type."""
+    if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+        raise ValueError(f"'layers' must be a list of objects with a string 'name'; entry {j} is {_short(e)}")
+    what = f"meta layer {j} ({_short(e['name'])})"
+    if e["name"] in seen:
+        raise ValueError(f"{what}: layer names must be unique, this one is listed twice")
+    seen.add(e["name"])
+    for key, kind in LAYER_FIELDS.items():
+        if key not in e:
+            continue
+        if kind is int:
+            _int(e, key, what=f"{what}: {key!r}")
+        elif not isinstance(e[key], kind):
+            raise ValueError(f"{what}: {key!r} must be a {kind.__name__}, got {_short(e[key])}")
 
 
 def _check_meta(meta: dict) -> None:
     version = meta.get("version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ValueError(f"format version must be an int, got {version!r}")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"format version must be an int >= 1, got {_short(version)}")
     if version > FORMAT_VERSION:
-        raise ValueError(f"format version {version} is newer than this gradscope reads ({FORMAT_VERSION}); "
+        raise ValueError(f"format version {_short(version)} is newer than this gradscope reads ({FORMAT_VERSION}); "
                          "upgrade gradscope")
-    every = meta.get("every", 1)
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise ValueError(f"'every' must be a positive int, got {every!r}")
+    if "every" in meta:
+        _int(meta, "every", low=1)
+    for key in META_STRINGS:
+        if key in meta and not isinstance(meta[key], str):
+            raise ValueError(f"{key!r} must be a string, got {_short(meta[key])}")
+    context = meta.get("context", {})
+    if not isinstance(context, dict):
+        raise ValueError(f"'context' must be an object, got {_short(context)}")
+    for key, v in context.items():
+        if v is not None and not isinstance(v, (bool, str)):
+            _number(v, f"context field {key!r}")
     layers = meta.get("layers", [])
-    if not isinstance(layers, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in layers):
-        raise ValueError("'layers' must be a list of objects with a string 'name'")
+    if not isinstance(layers, list):
+        raise ValueError(f"'layers' must be a list of objects with a string 'name', got {_short(layers)}")
+    seen: set = set()
+    for j, e in enumerate(layers):
+        _check_layer(e, j, seen)
 
 
-def _int(row: dict, key: str) -> int:
-    v = row[key]
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise ValueError(f"{key!r} must be an int, got {v!r}")
-    return v
+def _check_text(row: dict) -> None:
+    """Refuse a line whose ``\\uXXXX`` escapes make a lone UTF-16 surrogate: not text, it cannot be printed or
+    written to a UTF-8 file (a summary, ``gradscope report``'s page)."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"it holds an escaped lone surrogate {_short(e.object[e.start:e.end])}, not text") from None
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+
+
+def _check_alert(row: dict) -> Alert:
+    """The :class:`Alert` of an alert line, its fields checked."""
+    fields = {k: row[k] for k in Alert.__dataclass_fields__ if k in row}
+    for key in ("kind", "layer", "message", "hint", "metric"):
+        if key in fields and not isinstance(fields[key], str):
+            raise ValueError(f"alert field {key!r} must be a string, got {_short(fields[key])}")
+        if key not in fields and key != "metric":
+            raise ValueError(f"alert field {key!r} is missing")
+    if "related" in fields:
+        if not (isinstance(fields["related"], list) and all(isinstance(x, str) for x in fields["related"])):
+            raise ValueError("alert field 'related' must be a list of layer names")
+        fields["related"] = tuple(fields["related"])
+    fields["step"] = _int(row, "step", what="alert field 'step'")
+    for key in ("value", "threshold"):
+        v = fields.get(key)
+        if v is not None:
+            _number(v, f"alert field {key!r}")
+        fields[key] = math.nan if v is None else v
+    return Alert(**fields)
 
 
 def load(path: str | os.PathLike, history: int | None = None, partial: bool = False) -> Run:
@@ -315,6 +420,13 @@ def load(path: str | os.PathLike, history: int | None = None, partial: bool = Fa
         history: the most records kept in memory (None: all of them).
         partial: recover a file that was cut short (no end line, or a last line cut mid-way): every complete step
             before the cut is loaded, with a warning that says what is missing; without it such a file is refused.
+
+    Every field the reading API uses is checked on load, so a run that loads can be summarised and plotted: the
+    meta line (version, ``every``, strings, ``context`` of simple values, a layer table with unique names and
+    typed fields), step numbers and counts (ints from 0 to 2**63 - 1), statistics and alert values (numbers, not
+    bools: any float, ``null``/NaN/Infinity included, or an int within +-2**63; a ``through_time`` profile is a
+    non-empty list and comes with its summary), strings (no escaped lone surrogates). Unknown keys are kept as they
+    are; a meta line without a layer table reads as an empty one.
 
     Raises:
         FileNotFoundError: no such file.
@@ -328,11 +440,14 @@ def load(path: str | os.PathLike, history: int | None = None, partial: bool = Fa
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no gradscope log at {path!r}; pass the path given to scope.save()")
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8", errors="strict") as f:
-            lines = f.readlines()
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path!r} is not a gradscope log (not UTF-8 text): {e}") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path!r} is not a gradscope log (not UTF-8 text): line {line}: {e}") from None
+    lines = io.StringIO(text, newline=None).readlines()  # as open(path).readlines(): \r\n and \r end lines too
     records: dict[int, StepRecord] = {}
     alerts: list[Alert] = []
     meta = None
@@ -345,7 +460,7 @@ def load(path: str | os.PathLike, history: int | None = None, partial: bool = Fa
             raise ValueError(f"{path!r} is not a valid gradscope log: line {i} comes after the end line {end}")
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, or an int of over 4300 digits
             if i == len(lines) and not line.endswith("\n") and meta is not None:
                 cut = f"its last line ({i}) was cut mid-way"
                 break
@@ -353,11 +468,14 @@ def load(path: str | os.PathLike, history: int | None = None, partial: bool = Fa
         if not isinstance(row, dict) or "type" not in row:
             raise ValueError(f"{path!r} is not a gradscope log: line {i} has no 'type' field")
         try:
+            if "\\u" in line:  # only an escape can make a lone surrogate; the writer escapes all non-ASCII text
+                _check_text(row)
             if meta is None:
                 if row.get("type") != "meta" or row.get("format") != FORMAT:
                     raise ValueError("its first line must be the meta line written by scope.save()")
                 meta = {k: v for k, v in row.items() if k != "type"}
                 _check_meta(meta)
+                meta.setdefault("layers", [])  # the figures read meta["layers"]
                 continue
             kind = row["type"]
             if kind == "end":
@@ -369,7 +487,7 @@ def load(path: str | os.PathLike, history: int | None = None, partial: bool = Fa
             elif kind == "step":
                 step = _int(row, "step")
                 rec = records.setdefault(step, StepRecord(step, {}, {}, {}))
-                rec.info.update(_stats(row, ("type", "step")))
+                rec.info.update(_stats(row, ("type", "step"), info=True))
             elif kind in ("layer", "param"):
                 step = _int(row, "step")
                 if not isinstance(row.get("name"), str):
@@ -378,21 +496,7 @@ def load(path: str | os.PathLike, history: int | None = None, partial: bool = Fa
                 target = rec.layers if kind == "layer" else rec.params
                 target[row["name"]] = _stats(row, ("type", "step", "name"))
             elif kind == "alert":
-                fields = {k: row[k] for k in Alert.__dataclass_fields__ if k in row}
-                for key in ("kind", "layer", "message", "hint", "metric"):
-                    if key in fields and not isinstance(fields[key], str):
-                        raise ValueError(f"alert field {key!r} must be a string")
-                if "related" in fields:
-                    if not (isinstance(fields["related"], list) and all(isinstance(x, str) for x in fields["related"])):
-                        raise ValueError("alert field 'related' must be a list of layer names")
-                    fields["related"] = tuple(fields["related"])
-                fields["step"] = _int(row, "step")
-                for key in ("value", "threshold"):
-                    v = fields.get(key)
-                    if v is not None and not isinstance(v, (int, float)):
-                        raise ValueError(f"alert field {key!r} must be a number")
-                    fields[key] = math.nan if v is None else v
-                alerts.append(Alert(**fields))
+                alerts.append(_check_alert(row))
             else:
                 raise ValueError(f"unknown line type {kind!r}")
         except (KeyError, TypeError, ValueError) as e:

@@ -94,3 +94,138 @@ def test_history_thinning_covers_the_whole_run_in_bounded_memory():
     assert h.last.step == 99_999 and h.records()[-1].step == 99_999
     with pytest.raises(ValueError, match="history"):
         History(1)
+
+
+HUGE = 10**400  # a 401-digit int: JSON holds it, a float cannot
+
+
+def is_meta(row):
+    return row["type"] == "meta"
+
+
+def of_type(kind):
+    return lambda row: row["type"] == kind
+
+
+def edit_line(path, pick, change, text=None) -> int:
+    """Apply ``change`` to the first line of ``text`` (default: the file's) whose parsed row satisfies ``pick``,
+    write the result to ``path`` and return that line's number."""
+    lines = (path.read_text() if text is None else text).splitlines(keepends=True)
+    i = next(i for i, line in enumerate(lines) if pick(json.loads(line)))
+    row = json.loads(lines[i])
+    change(row)
+    lines[i] = json.dumps(row) + "\n"
+    path.write_text("".join(lines))
+    return i + 1
+
+
+def set_layer(j, **fields):
+    return lambda row: row["layers"][j].update(fields)
+
+
+BAD_FIELDS = [  # (which line, its change, what the error says after "line N: ")
+    (is_meta, set_layer(2, params="12"), r"meta layer 2 \('3'\): 'params' must be an int"),
+    (is_meta, set_layer(2, params=[12]), r"meta layer 2 \('3'\): 'params' must be an int"),
+    (is_meta, set_layer(2, params=-1), r"'params' must be an int from 0"),
+    (is_meta, set_layer(2, params=HUGE), r"'params' must be an int from 0 to 2\*\*63 - 1, got 1000000000"),
+    (is_meta, set_layer(2, depth="2"), r"'depth' must be an int"),
+    (is_meta, set_layer(2, depth=2.0), r"'depth' must be an int"),
+    (is_meta, set_layer(2, module=5), r"'module' must be a str, got 5"),
+    (is_meta, set_layer(2, profile=1), r"'profile' must be a bool, got 1"),
+    (is_meta, set_layer(2, role=["gate"]), r"'role' must be a str"),
+    (is_meta, set_layer(2, name="1"), r"meta layer 2 \('1'\): layer names must be unique"),
+    (is_meta, set_layer(2, name=None), r"string 'name'; entry 2 is"),
+    (is_meta, lambda row: row["layers"].append([1]), r"string 'name'; entry \d+ is \[1\]"),
+    (is_meta, lambda row: row.update(every=HUGE), r"'every' must be an int from 1 to 2\*\*63 - 1"),
+    (is_meta, lambda row: row.update(every=0), r"'every' must be an int from 1"),
+    (is_meta, lambda row: row.update(version=0), r"format version must be an int >= 1"),
+    (is_meta, lambda row: row.update(model=["x"]), r"'model' must be a string"),
+    (is_meta, lambda row: row.update(context=[1]), r"'context' must be an object"),
+    (is_meta, lambda row: row["context"].update(eps=HUGE), r"context field 'eps' 1000.* is too large: an int"),
+    (is_meta, lambda row: row["context"].update(eps={"a": 1}), r"context field 'eps' is dict, not a number"),
+    (of_type("step"), lambda row: row.update(step=HUGE), r"'step' must be an int from 0 to 2\*\*63 - 1"),
+    (of_type("step"), lambda row: row.update(step=2**63), r"'step' must be an int from 0 to 2\*\*63 - 1"),
+    (of_type("step"), lambda row: row.update(step=-1), r"'step' must be an int from 0"),
+    (of_type("step"), lambda row: row.pop("step"), r"'step' is missing"),
+    (of_type("step"), lambda row: row.update(grad_scale=HUGE), r"statistic 'grad_scale' 1000.* is too large"),
+    (of_type("step"), lambda row: row.update(loss=[1.0]), r"statistic 'loss' is list, not a number"),
+    (of_type("layer"), lambda row: row.update(grad_norm=HUGE), r"statistic 'grad_norm' 1000.* is too large"),
+    (of_type("layer"), lambda row: row.update(grad_norm=-HUGE), r"statistic 'grad_norm' -1000.* is too large"),
+    (of_type("layer"), lambda row: row.update(grad_norm=10**307), r"statistic 'grad_norm' 1000.* is too large"),
+    (of_type("layer"), lambda row: row.update(grad_norm=True), r"statistic 'grad_norm' is bool, not a number"),
+    (of_type("layer"), lambda row: row.update(grad_norm=[1.0, 2.0]), r"statistic 'grad_norm' is list"),
+    (of_type("layer"), lambda row: row.update(through_time=[]), r"'through_time' must be a non-empty list"),
+    (of_type("layer"), lambda row: row.update(through_time=3.0), r"'through_time' must be a non-empty list"),
+    (of_type("layer"), lambda row: row.update(through_time=[1.0, HUGE]), r"an entry of statistic 'through_time'"),
+    (of_type("layer"), lambda row: row.update(through_time=[1.0], through_time_ratio=1.0),
+     r"a through_time profile comes with 'through_time_reach'"),
+    (of_type("layer"), lambda row: row.update(through_time_reach=None), r"'through_time_reach' must be a finite"),
+    (of_type("param"), lambda row: row.update(grad_rms=HUGE), r"statistic 'grad_rms' 1000.* is too large"),
+    (of_type("param"), lambda row: row.update(name=7), r"'name' must be a string"),
+    (of_type("alert"), lambda row: row.update(value=HUGE), r"alert field 'value' 1000.* is too large: an int"),
+    (of_type("alert"), lambda row: row.update(threshold="1e-3"), r"alert field 'threshold' is str, not a number"),
+    (of_type("alert"), lambda row: row.update(value=False), r"alert field 'value' is bool, not a number"),
+    (of_type("alert"), lambda row: row.update(step=HUGE), r"alert field 'step' must be an int from 0"),
+    (of_type("alert"), lambda row: row.update(kind=3), r"alert field 'kind' must be a string, got 3"),
+    (of_type("alert"), lambda row: row.pop("hint"), r"alert field 'hint' is missing"),
+    (of_type("alert"), lambda row: row.update(related="1"), r"alert field 'related' must be a list"),
+    (of_type("end"), lambda row: row.update(steps=HUGE), r"'steps' must be an int from 0"),
+    (of_type("layer"), lambda row: row.update(name="\ud800"), r"escaped lone surrogate '\\ud800', not text"),
+]
+
+
+def test_wrong_typed_or_huge_fields_are_refused_naming_their_line(run_file):
+    _, saved = run_file
+    text = saved.read_text()
+    for pick, change, match in BAD_FIELDS:  # one saved run for all: a loop, not a parametrised test
+        path = saved.parent / "edited.jsonl"
+        n = edit_line(path, pick, change, text)
+        for partial in (False, True):
+            with pytest.raises(ValueError, match=rf"line {n}: .*{match}"):
+                gradscope.load(path, partial=partial)
+
+
+def test_json_number_traps(run_file):
+    """NaN/Infinity literals and 1e999 are numbers (nan, inf); an int of over 4300 digits is not JSON Python reads."""
+    _, path = run_file
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    n = next(i for i, line in enumerate(lines) if json.loads(line)["type"] == "layer")
+    row = json.loads(lines[n])
+    lines[n] = lines[n].replace(json.dumps(row["grad_norm"]), "NaN", 1).replace(
+        json.dumps(row["grad_rms"]), "Infinity", 1).replace(json.dumps(row["backprop_signal"]), "1e999", 1)
+    path.write_text("".join(lines))
+    st = gradscope.load(path).history[0].layers[row["name"]]
+    assert math.isnan(st["grad_norm"]) and st["grad_rms"] == math.inf and st["backprop_signal"] == math.inf
+    lines[n] = lines[n].replace("NaN", "1" * 5000, 1)
+    path.write_text("".join(lines))
+    with pytest.raises(ValueError, match=rf"line {n + 1} is not JSON \(Exceeds the limit"):
+        gradscope.load(path)
+
+
+def test_a_file_that_is_not_utf8_names_its_line(run_file):
+    _, path = run_file
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[6] = lines[6].replace(b'"name"', b'"n\xffme"')
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(ValueError, match=r"not UTF-8 text\): line 7: .* invalid start byte"):
+        gradscope.load(path)
+
+
+def test_a_loaded_run_with_extreme_values_is_usable(run_file):
+    """Values at the edges of what load() accepts: the reading API and a figure still work."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    _, path = run_file
+    edit_line(path, is_meta, lambda row: row.update(every=2**63 - 1, context={"eps": 1e308, "x": None},
+                                                    layers=row["layers"] + [{"name": "extra", "params": 2**63 - 1,
+                                                                             "odd": [HUGE, {"a": [None]}]}]))
+    edit_line(path, of_type("layer"), lambda row: row.update(grad_norm=2**63 - 1, grad_zero_frac=1 - 2**63,
+                                                             backprop_signal=1e308, grad_rms=-math.inf))
+    edit_line(path, of_type("alert"), lambda row: row.update(value=2**63 - 1, threshold=None))
+    run = gradscope.load(path)
+    assert run.layer_names[-1] == "extra" and run.meta["layers"][-1]["odd"][0] == HUGE  # unknown keys are kept
+    assert "collected every 9223372036854775807" in run.summary()
+    run.latest(), run.depth_profile(), run.decay_factor(), run.signal_ratio()
+    plt.close(run.plot("flow"))
