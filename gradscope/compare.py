@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 import gradscope
 
-from .data import Batches, batches_of, load_cifar10
+from .data import ENV_VAR, Batches, batches_of, check_image_folder, load_cifar10
 from .models import build_model, family
+from .report import out_dir_problem
 
 _ACT = [("sigmoid", "xavier"), ("tanh", "xavier"), ("relu", "kaiming")]
 PRESETS = {
@@ -313,6 +314,9 @@ def config_from_args(argv=None) -> Config:
         ap.error("give --preset or --models, not both")
     preset = args.preset or (None if args.models else "quick")
     models = args.models or PRESETS[preset]
+    twice = sorted({name for name in models if models.count(name) > 1})
+    if twice:
+        ap.error(f"--models lists {', '.join(twice)} more than once: each model's run directory is named after it")
     for name in models:
         try:
             build_model(name)
@@ -322,13 +326,22 @@ def config_from_args(argv=None) -> Config:
         v = getattr(args, flag)
         if v is not None and v < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
-    if args.epochs is not None and args.epochs <= 0:
-        ap.error(f"--epochs must be > 0, got {args.epochs}")
-    if args.data_dir is not None:
-        from .data import _is_image_folder
-        if not _is_image_folder(args.data_dir):
-            ap.error(f"--data-dir {args.data_dir} is not a CIFAR-10 image folder (it needs train/<class>/ and "
-                     "test/<class>/)")
+    for flag in ("epochs", "lr"):
+        v = getattr(args, flag)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            ap.error(f"--{flag} must be a finite number > 0, got {v}")
+    if not -2 ** 63 <= args.seed < 2 ** 63:
+        ap.error(f"--seed must fit in a signed 64-bit integer (torch's seed range), got {args.seed}")
+    problem = out_dir_problem(args.out)
+    if problem:
+        ap.error(problem)
+    try:
+        if args.data_dir is not None:
+            check_image_folder(args.data_dir)
+        elif os.environ.get(ENV_VAR) and not args.synthetic:  # load_cifar10 would use it: fail now, not after setup
+            check_image_folder(os.environ[ENV_VAR], f"${ENV_VAR}")
+    except FileNotFoundError as e:
+        ap.error(str(e))
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device here; use --device cpu or auto")
     steps, subset, test_subset = PRESET_SIZES.get(preset, DEFAULT_SIZE)
@@ -348,6 +361,9 @@ def main(argv=None) -> int:
         run(cfg)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # rank 0 writes the tables and figures while the others wait
+    except OSError as e:  # a file or directory that cannot be read or written: a message, not a traceback
+        print(f"gradscope compare: error: {e}", file=sys.stderr)
+        return 1
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

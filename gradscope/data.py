@@ -28,24 +28,43 @@ STD = (0.2470, 0.2435, 0.2616)
 ENV_VAR = "GRADSCOPE_CIFAR10_DIR"
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared/data/cifar10-jpg"
 SYNTHETIC = "SYNTHETIC random images (no CIFAR-10 found)"
+FOLDER_LAYOUT = "train/<class>/ and test/<class>/ for the 10 CIFAR-10 classes (airplane, automobile, ..., truck)"
 
 
 def _is_image_folder(path) -> bool:
-    return path is not None and (Path(path) / "train").is_dir() and (Path(path) / "test").is_dir()
+    """``path`` holds ``train/<class>/`` and ``test/<class>/`` for every CIFAR-10 class."""
+    return bool(path) and all((Path(path) / split / c).is_dir() for split in ("train", "test") for c in CLASSES)
+
+
+def check_image_folder(path, what: str = "--data-dir") -> Path:
+    """``path`` as a Path if it is a CIFAR-10 image folder.
+
+    Raises:
+        FileNotFoundError: it is not one; the message names ``what`` (``--data-dir``, ``$GRADSCOPE_CIFAR10_DIR``) and
+            the layout wanted.
+    """
+    if not _is_image_folder(path):
+        missing = next((f"{split}/{c}/" for split in ("train", "test") for c in CLASSES
+                        if not (Path(path) / split / c).is_dir()), "")
+        problem = "no such directory" if not Path(path).is_dir() else f"it has no {missing}"
+        fix = (f"point ${ENV_VAR} at the folder that holds them, or unset it" if what == f"${ENV_VAR}" else
+               "pass the folder that holds them, or leave --data-dir out")
+        given = f"{what}={path}" if what.startswith("$") else f"{what} {path}"
+        raise FileNotFoundError(f"{given} is not a CIFAR-10 image folder ({problem}): it needs {FOLDER_LAYOUT}; "
+                                f"{fix}")
+    return Path(path)
 
 
 def find_cifar10_folder(data_dir: str | os.PathLike | None = None) -> Path | None:
     """The image-folder copy to use: ``data_dir``, else ``$GRADSCOPE_CIFAR10_DIR``, else ``../shared/data/cifar10-jpg``
-    beside the repository (or the working directory). None if none of them holds ``train/`` and ``test/``.
+    beside the repository (or the working directory). None if none of them holds ``train/<class>/`` and
+    ``test/<class>/`` for every class.
 
     Raises:
         FileNotFoundError: ``data_dir`` was given but is not an image folder.
     """
     if data_dir is not None:
-        if not _is_image_folder(data_dir):
-            raise FileNotFoundError(f"{data_dir} is not a CIFAR-10 image folder: it needs train/<class>/ and "
-                                    "test/<class>/ (pass the folder that holds them, or leave --data-dir out)")
-        return Path(data_dir)
+        return check_image_folder(data_dir)
     for c in (os.environ.get(ENV_VAR), SHARED, Path.cwd().parent / "shared/data/cifar10-jpg"):
         if _is_image_folder(c):
             return Path(c)
@@ -129,7 +148,7 @@ def load_cifar10(data_dir=None, cache_dir=None, download: bool = True, train_sub
     folder = find_cifar10_folder(data_dir) if data_dir is not None else None
     cache = Path(cache_dir or Path.home() / ".cache/gradscope")
     if folder is None and search and os.environ.get(ENV_VAR):
-        folder = find_cifar10_folder(os.environ[ENV_VAR])
+        folder = check_image_folder(os.environ[ENV_VAR], f"${ENV_VAR}")
     if folder is not None:
         return _from_folder(folder, train_subset, test_subset, seed)
     if search and (cache / "cifar-10-batches-py").is_dir():
