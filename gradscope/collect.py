@@ -27,7 +27,7 @@ when the step closes.
 
 from __future__ import annotations
 
-import contextlib
+import sys
 import threading
 import weakref
 from functools import partial
@@ -35,6 +35,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from . import _torch
 from .activations import (DeadUnitBank, DeadUnits, FunctionalCalls, ThroughTime, fired_counts, module_kind,
                           saturation_counts, unit_dim)
 from .stats import sq_norm
@@ -78,6 +79,30 @@ def _hook_target(t: Tensor, args) -> Tensor:
     return base
 
 
+class _Pass:
+    """The activation-side parts of one forward pass (see :attr:`Collector.MAX_PENDING_PASSES`).
+
+    They count into a step only once a backward pass reaches one of the pass's outputs (``reached``): the forward
+    passes of an evaluation loop run with grad enabled, or of a generation, are not training batches.
+    """
+
+    __slots__ = ("output_parts", "dead_parts", "saturation_parts", "hooked", "handles", "reached")
+
+    def __init__(self):
+        self.output_parts: list = []
+        self.dead_parts: list = []
+        self.saturation_parts: list = []
+        self.hooked: set[str] = set()  # call sites whose outputs got a tensor hook in this pass
+        self.handles: list = []  # those tensor hooks
+        self.reached = False
+
+    def drop(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.output_parts, self.dead_parts, self.saturation_parts, self.hooked = [], [], [], set()
+
+
 class _ForwardState(threading.local):
     """Per-thread state of the forward pass in progress (nn.DataParallel runs replicas in threads)."""
 
@@ -88,20 +113,24 @@ class _ForwardState(threading.local):
         self.mode = None  # the FunctionalCalls mode this thread entered
         self.checked = None  # the last output whose NaN/Inf check was recorded (see Collector._needs_check)
         self.checked_version = 0  # its version counter then: an inplace change since shows in it
+        self.cur: _Pass | None = None  # the forward pass whose parts the hooks record
+        self.frame = None  # the frame of the root module's call in progress (see Collector._stale)
 
 
 # Gradscope's own tensor work inside a forward hook must not go through its (or anyone's) TorchFunctionMode: that
 # dispatch cost more than the work itself (measured: 7 ms of a 17 ms MLP step) and would show our ops to user modes.
-_no_function_mode = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
-_function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: True)
+_no_function_mode = _torch.no_function_mode
+_function_mode_on = _torch.function_mode_on
+_in_backward = _torch.in_backward
+_graph_task_id = _torch.graph_task_id
+_is_compiling = _torch.is_compiling
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass on this thread."""
-    return _graph_task_id() != -1
+def _owner(fn):
+    """The object whose method ``fn`` (or ``partial(method, ...)``) is."""
+    return getattr(getattr(fn, "func", fn), "__self__", None)
 
 
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 def _note_backward(collector_ref, param) -> None:
@@ -116,6 +145,15 @@ def _grad_mark(p: Tensor):
     return None if g is None else (weakref.ref(g), g._version)
 
 
+def _inert_collector() -> "Collector":
+    """A collector attached to nothing, whose hooks do nothing: what a copy of a watched model gets."""
+    inert = Collector.__new__(Collector)
+    inert.active = inert.attached = inert.functional = False
+    inert.on_new_forward = inert.on_params_changed = None
+    inert._fwd = _ForwardState()
+    return inert
+
+
 class Collector:
     """Owns every hook it adds to a model and the per-step buffers the hooks fill.
 
@@ -126,8 +164,15 @@ class Collector:
         dead_parts: ``(site, fired counts, samples)`` of ReLU sites; saturation_parts: ``(site, saturated count,
             output sum, numel)`` of sigmoid/tanh sites.
         through_time: per-step profiles of recurrent sites.
+    The forward-side ones (output, dead and saturation parts, ``hooked``) are kept per forward pass (:class:`_Pass`)
+    and :meth:`gather` makes them those of the passes a backward pass reached.
     Kept across steps: ``dead`` (the rolling dead-unit state of each ReLU site, updated at step close) and ``order``.
     """
+
+    MAX_PENDING_PASSES = 64
+    """Forward passes that no backward pass has reached yet, kept waiting for one: a loss over several forward passes
+    (siamese or contrastive views, micro-batch losses summed before one backward) counts all of them up to this many.
+    Beyond it the oldest waiting pass is dropped, so an evaluation loop run with grad enabled holds bounded memory."""
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], *, dead_window: int = 1000,
                  saturation_eps: float = 0.02, unit_dims: dict | None = None, functional: bool = True):
@@ -138,13 +183,16 @@ class Collector:
         self.dead_parts: list[tuple[str, Tensor, int]] = []
         self.saturation_parts: list[tuple[str, Tensor, Tensor, int]] = []
         self.functional_forwards = 0  # forward passes watched for functional activations (see _watch_functional)
-        self.hooked: set[str] = set()  # call sites whose outputs got a tensor hook this step
+        self.hooked: set[str] = set()  # call sites whose outputs got a tensor hook this step (see gather())
+        self._passes: list[_Pass] = []  # this step's forward passes, in order
+        self._waiting: list[_Pass] = []  # those no backward pass had reached when the last pass started
+        self.unmonitored: set[str] = set()  # modules run only by reentrant activation checkpointing (see _on_forward)
+        self._recorded: set[str] = set()  # modules whose outputs were ever recorded (the values of `order`)
         self.order: dict[str, str] = {}  # call site -> module name, in forward order of first call
         self.functional_sites: dict[str, str] = {}  # functional call site -> activation kind
         self.dead_bank = DeadUnitBank(dead_window)
         self.dead: dict[str, DeadUnits] = self.dead_bank.sites
         self.through_time: dict[str, ThroughTime] = {}
-        self.observed: set[str] = set()  # activation sites seen this step
         self.broadcast_sites: set[str] = set()  # sigmoid/tanh sites whose output broadcasts over positions: gates
         self.saturation_eps = saturation_eps
         self.unit_dims = dict(unit_dims or {})
@@ -164,6 +212,8 @@ class Collector:
         self._model = model
         self.profile_modules: set[str] = set()
         self.on_new_forward = None  # called with no argument when a root forward starts (the scope's AMP check)
+        self.on_params_changed = None  # called with no argument after model.load_state_dict() (it may assign)
+        _torch.check()
         try:
             self._register(model, params)
         except BaseException:
@@ -174,6 +224,7 @@ class Collector:
         self._root = next(n for n, m in model.named_modules() if m is model)
         self._handles.append(model.register_forward_pre_hook(self._new_forward))
         self._handles.append(model.register_forward_hook(self._end_forward, always_call=True))
+        self._handles.append(model.register_load_state_dict_post_hook(self._after_load_state_dict))
         for name, module in model.named_modules():
             kind = module_kind(module)
             if kind is not None:
@@ -243,11 +294,35 @@ class Collector:
         """
         # Parameter hooks live in C++, out of the garbage collector's sight: a hook holding the collector would make
         # model -> parameter -> hook -> collector -> model an uncollectable cycle for a scope never detached.
+        self._watching_backward = True
+        self._hook_params(self._params)
+
+    def _hook_params(self, params) -> None:
         on_accumulate = partial(_note_backward, weakref.ref(self))
-        for p in self._params:
+        for p in params:
             if getattr(p, "_post_accumulate_grad_hooks", None) is None:
                 self._param_hook_dicts_were_none.append(p)
             self._handles.append(p.register_post_accumulate_grad_hook(on_accumulate))
+
+    _watching_backward = False
+
+    def set_params(self, params: list[nn.Parameter]) -> None:
+        """Follow a new list of tracked parameters (the model's were replaced: ``load_state_dict(..., assign=True)``,
+        or a parameter attribute set anew). Parameters not seen before count as reached by a backward pass if they
+        hold a ``.grad``."""
+        old = {id(p) for p in self._params}
+        marks = dict(zip(map(id, self._params), self._grad_marks))
+        self._grad_marks = [marks.get(id(p)) for p in params]
+        self._params = list(params)
+        if self._watching_backward:
+            self._hook_params([p for p in params if id(p) not in old])
+
+    def params_replaced(self, params: list[nn.Parameter]) -> bool:
+        return len(params) != len(self._params) or any(a is not b for a, b in zip(params, self._params))
+
+    def _after_load_state_dict(self, module, incompatible_keys) -> None:
+        if self.on_params_changed is not None and self.attached:
+            self.on_params_changed()
 
     @property
     def backward_seen(self) -> bool:
@@ -266,12 +341,24 @@ class Collector:
 
     def __deepcopy__(self, memo):
         """A deep copy of a watched model (an EMA copy, say) gets hooks that do nothing: it is not the watched model."""
-        inert = Collector.__new__(Collector)
-        inert.active = inert.attached = inert.functional = False
-        inert.on_new_forward = None
-        inert._fwd = _ForwardState()
-        memo[id(self)] = inert
+        memo[id(self)] = inert = _inert_collector()
         return inert
+
+    def __reduce__(self):
+        """A pickled watched model (``torch.save(model)``, a checkpoint) loads as an unwatched one: its copies of these
+        hooks do nothing and remove themselves at its first forward pass (see :meth:`_purge`)."""
+        return _inert_collector, ()
+
+    def _purge(self, model: nn.Module) -> None:
+        """Remove every hook of this (inert) collector from ``model`` and its submodules."""
+        for m in model.modules():
+            for table in ("_forward_pre_hooks", "_forward_hooks", "_load_state_dict_post_hooks"):
+                hooks = getattr(m, table, None) or {}
+                for hid in [hid for hid, fn in hooks.items() if _owner(fn) is self]:
+                    del hooks[hid]
+                    for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+                                  "_forward_hooks_always_called"):
+                        getattr(m, extra, {}).pop(hid, None)
 
     def _live(self) -> bool:
         # _in_backward: activation checkpointing re-runs forwards during backward; those are not new calls
@@ -279,14 +366,23 @@ class Collector:
 
     # -- hooks -------------------------------------------------------------------------------------------------------
     def _new_forward(self, module, args):
+        if not self.attached:
+            if not hasattr(self, "_handles"):  # an inert copy's (pickled, deep-copied): it is not the watched model
+                self._purge(module)
+            return
         st = self._fwd
-        if st.depth == 0 and self.on_new_forward is not None and self.attached:
+        if st.depth > 0 and self._stale(st, sys._getframe(1).f_back):
+            self._leave_forward()  # a forward pass cut short by a KeyboardInterrupt: no hook saw it end
+        if st.depth == 0 and self.on_new_forward is not None:
             self.on_new_forward()
         st.depth += 1
         if st.depth > 1 or not self._live():
             return
         st.calls.clear()
         st.stack = [self._root]
+        # the frame that runs the root's hooks and forward (nn.Module._call_impl's); not under torch.compile
+        st.frame = sys._getframe(1) if self._frames_ok and not _is_compiling() else None
+        self._open_pass(st)
         if self.functional and torch.is_grad_enabled() and self._watch_functional():
             st.mode = FunctionalCalls(self._on_function)
             st.mode.__enter__()
@@ -300,10 +396,46 @@ class Collector:
         self.functional_forwards += 1
         return bool(self.functional_sites) or n < 3 or n % self.FUNCTIONAL_PROBE_EVERY == 0
 
+    def _open_pass(self, st) -> _Pass:
+        """Start recording a new forward pass on this thread; drop the oldest pass still waiting for a backward pass
+        beyond :attr:`MAX_PENDING_PASSES`."""
+        waiting = self._waiting
+        waiting.extend(p for p in self._passes[len(self._passes) - 1:] if not p.reached)  # the pass just finished
+        if len(waiting) > self.MAX_PENDING_PASSES:
+            self._waiting = waiting = [p for p in waiting if not p.reached]
+            if len(waiting) > self.MAX_PENDING_PASSES:
+                dropped = waiting[:len(waiting) - self.MAX_PENDING_PASSES]
+                del waiting[:len(dropped)]
+                for p in dropped:
+                    p.drop()
+                dropped = set(map(id, dropped))
+                self._passes = [p for p in self._passes if id(p) not in dropped]
+        st.cur = p = _Pass()
+        self._passes.append(p)
+        return p
+
+    @staticmethod
+    def _stale(st, frame) -> bool:
+        """Whether the root forward pass this thread's state says is running has in fact ended: its frame is not on
+        the stack above ``frame`` (PyTorch's ``always_call`` forward hooks run after an ``Exception``, not after a
+        ``KeyboardInterrupt`` or another ``BaseException``). Without a frame (under torch.compile) it cannot tell."""
+        root = st.frame
+        if root is None:
+            return False
+        while frame is not None:
+            if frame is root:
+                return False
+            frame = frame.f_back
+        return True
+
+    _frames_ok = True  # the root's pre-hook and forward hook run in one frame, which runs its forward (see _stale)
+
     def _end_forward(self, module, args, output):
         st = self._fwd
         st.depth = max(0, st.depth - 1)
         if st.depth == 0:
+            if st.frame is not None and sys._getframe(1) is not st.frame:
+                self._frames_ok = False  # a PyTorch that calls hooks otherwise: stop judging staleness by frames
             self._leave_forward()
 
     def _leave_forward(self) -> None:
@@ -314,6 +446,7 @@ class Collector:
         st.stack = []
         st.depth = 0
         st.checked = None
+        st.frame = None
 
     def _enter_module(self, name: str, module, args):
         st = self._fwd
@@ -328,7 +461,13 @@ class Collector:
 
     def _on_forward(self, name: str, module, args, output):
         # the hot path of every module call on a collected step: _live() and _next_site() inlined
-        if not (self.active and self.attached) or _graph_task_id() != -1:
+        if not (self.active and self.attached):
+            return
+        if _graph_task_id() != -1:
+            # a forward re-run by activation checkpointing. A module never recorded before ran its first forward
+            # without autograd: torch.utils.checkpoint(..., use_reentrant=True). Its outputs get no tensor hooks.
+            if name not in self._recorded and torch.is_grad_enabled():
+                self.unmonitored.add(name)
             return
         st = self._fwd
         if st.stack and st.stack[-1] == name:
@@ -363,55 +502,61 @@ class Collector:
 
     def _record_output(self, name: str, site: str, args, output) -> None:
         kind = self.module_kinds.get(name)
+        st = self._fwd
+        cur = st.cur or self._open_pass(st)
         check = None
         if kind in ("relu", "sigmoid", "tanh") and isinstance(output, Tensor):
-            check = self._observe(site, kind, output, self._needs_check(args, name in self.inplace_modules))
+            check = self._observe(cur, site, kind, output, self._needs_check(args, name in self.inplace_modules))
         tensors = _tensors(output)
         if not tensors:
             return
-        self.order.setdefault(site, name)
+        if site not in self.order:
+            self.order[site] = name
+            self._recorded.add(name)
         if check is None and kind not in ("relu", "sigmoid", "tanh"):
             floats = [t.detach().sum(dtype=torch.float32) for t in tensors if t.is_floating_point()]
             check = floats[0] if len(floats) == 1 else torch.stack(floats).sum() if floats else None
         if check is not None:
-            self.output_parts.append((site, check))
+            cur.output_parts.append((site, check))
             self._set_checked(output)
-        self.hooked.add(site)
-        hook = self._grad_hooks.get(site)
-        if hook is None:
-            hook = self._grad_hooks[site] = partial(self._on_grad, site)
+        cur.hooked.add(site)
+        hook = partial(self._on_grad, site, cur)
         for t in tensors:
             target = t if t._base is None else _hook_target(t, args)
-            self._tensor_handles.append(target.register_hook(hook))
+            cur.handles.append(target.register_hook(hook))
 
     def _on_function(self, kind: str, out: Tensor, inp) -> None:
-        # outputs that need no grad (masks, metrics) take no part in learning; depth 0: a mode left by an interrupt
-        if not self._live() or not out.requires_grad or self._fwd.depth == 0:
+        # outputs that need no grad (masks, metrics) take no part in learning; a stale state: a mode left entered by
+        # a forward pass a KeyboardInterrupt cut short, seeing the user's own calls
+        st = self._fwd
+        if not self._live() or not out.requires_grad or st.depth == 0 or self._stale(st, sys._getframe(1)):
             return
-        owner = self._fwd.stack[-1] if self._fwd.stack else self._root
+        owner = st.stack[-1] if st.stack else self._root
         if self.module_kinds.get(owner) in ("relu", "sigmoid", "tanh"):
             return  # nn.ReLU's own F.relu: the module is the site
+        cur = st.cur or self._open_pass(st)
         site = self._next_site(f"{owner}:{kind}")
-        self.order.setdefault(site, owner)
+        if site not in self.order:
+            self.order[site] = owner
+            self._recorded.add(owner)
         self.functional_sites[site] = kind
         with _no_function_mode():
-            check = self._observe(site, kind, out, self._needs_check((inp,), out is inp))
+            check = self._observe(cur, site, kind, out, self._needs_check((inp,), out is inp))
         if check is not None:
-            self.output_parts.append((site, check))
+            cur.output_parts.append((site, check))
             self._set_checked(out)
 
-    def _observe(self, site: str, kind: str, out: Tensor, check: bool = True) -> Tensor | None:
-        """Record a ReLU/sigmoid/tanh output; return the sum of the outputs (the site's forward NaN/Inf check), or
-        None for a ReLU whose input was just checked."""
-        self.observed.add(site)
+    def _observe(self, cur: _Pass, site: str, kind: str, out: Tensor, check: bool = True) -> Tensor | None:
+        """Record a ReLU/sigmoid/tanh output in the pass ``cur``; return the sum of the outputs (the site's forward
+        NaN/Inf check), or None for a ReLU whose input was just checked."""
         if kind == "relu":
             counts, total, n = fired_counts(out, self.unit_dims.get(site, unit_dim(out.ndim)), check)
-            self.dead_parts.append((site, counts, n))
+            cur.dead_parts.append((site, counts, n))
             return total
         if out.ndim >= 4 and all(d == 1 for d in out.shape[2:]):
             self.broadcast_sites.add(site)  # (N, C, 1, 1): a squeeze-excite style gate
         saturated, check, numel = saturation_counts(out, kind, self.saturation_eps)
-        self.saturation_parts.append((site, saturated, check, numel))
+        cur.saturation_parts.append((site, saturated, check, numel))
         return check
 
     def _recurrent_input(self, name: str, module, args, kwargs):
@@ -440,12 +585,22 @@ class Collector:
             tracker = self.through_time[site] = ThroughTime()
         tracker.observe_grad(grad, batch_dim)
 
-    def _on_grad(self, site: str, grad: Tensor):
+    def _on_grad(self, site: str, cur: _Pass, grad: Tensor):
         if not self.attached or grad is None:
             return
+        cur.reached = True
         self.signal_parts.append((site, sq_norm(grad)))
 
     # -- lifetime ----------------------------------------------------------------------------------------------------
+    def gather(self) -> None:
+        """Make the forward-side buffers those of this step's forward passes that a backward pass reached, in order
+        (a pass no backward pass reached is an evaluation or a generation, not a training batch)."""
+        reached = [p for p in self._passes if p.reached]
+        self.output_parts = [x for p in reached for x in p.output_parts]
+        self.dead_parts = [x for p in reached for x in p.dead_parts]
+        self.saturation_parts = [x for p in reached for x in p.saturation_parts]
+        self.hooked = set().union(*(p.hooked for p in reached))
+
     def reset(self) -> None:
         """Start a new step: drop buffers and the tensor hooks of tensors from the finished step."""
         self.signal_parts = []
@@ -453,10 +608,14 @@ class Collector:
         self.dead_parts = []
         self.saturation_parts = []
         self.hooked = set()
-        self.observed = set()
         self.through_time = {}
         self._leave_forward()  # steps close outside forward passes: a mode still entered was left by an interrupt
         self._fwd.calls.clear()
+        self._fwd.cur = None
+        for p in self._passes:
+            p.drop()
+        self._passes = []
+        self._waiting = []
         for h in self._tensor_handles:
             h.remove()
         self._tensor_handles.clear()

@@ -20,7 +20,8 @@ except ImportError as e:  # pragma: no cover - exercised only without lightning
     raise ImportError("gradscope.lightning needs Lightning: pip install lightning") from e
 
 from .record import _finite, layer_scalars
-from .scope import _scale_tensor, watch
+from . import _torch
+from .scope import watch
 
 DEFAULT_LOG_STATS = ("grad_norm", "backprop_signal", "dead_fraction", "saturation")
 
@@ -61,7 +62,7 @@ class GradscopeCallback(Callback):
         # the loss of each micro-batch, as Lightning divides it for accumulation: they add up to the step's loss.
         # Under 16-bit AMP Lightning has already multiplied it by the loss scale: divide it back (no sync)
         if self.scope is not None and self.scope.attached and isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            scale = _scale_tensor(getattr(trainer.precision_plugin, "scaler", None))
+            scale = _torch.scale_tensor(getattr(trainer.precision_plugin, "scaler", None))
             self.scope.record_loss(loss if scale is None else loss.detach() / scale)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:

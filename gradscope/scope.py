@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from . import _torch
 from .alerts import Alert, AlertBook
 from .collect import Collector
 from .detectors import ADAPTIVE, SATURATING, Context, Nonfinite, default_detectors
@@ -82,6 +83,20 @@ def has_residual(model: nn.Module) -> bool:
                 continue
             return True
     return False
+
+
+def _trainable(model: nn.Module) -> tuple[list, dict]:
+    """``([(qualified name, module name, parameter)], {module name: {"module": class, "params": count}})`` of the
+    trainable parameters, each once, in module order; empty tensors have no statistics and are left out."""
+    params, seen, module_info = [], set(), {}
+    for mname, module in model.named_modules():
+        own = [(pn, p) for pn, p in module.named_parameters(recurse=False)
+               if p.requires_grad and p.numel() > 0 and id(p) not in seen]
+        for pn, p in own:
+            seen.add(id(p))
+            params.append((f"{mname}.{pn}" if mname else pn, mname, p))
+        module_info[mname] = {"module": type(module).__name__, "params": sum(p.numel() for _, p in own)}
+    return params, module_info
 
 
 def _context(model: nn.Module, optimizer) -> Context:
@@ -279,23 +294,6 @@ def _reduce_across_ranks(c, loss=None):
     return loss
 
 
-def _scale_tensor(scaler):
-    """The loss scale of the backward pass just run (a device tensor, no sync), or None without scaling."""
-    if scaler is None or not scaler.is_enabled():
-        return None
-    return getattr(scaler, "_scale", None)  # None until the scaler has scaled a loss
-
-
-def _grads_already_unscaled(scaler) -> bool:
-    """True once ``scaler.unscale_(opt)`` ran this step (as ``scaler.step`` does before the optimizer hook fires)."""
-    try:
-        from torch.amp.grad_scaler import OptState
-
-        return any(st.get("stage") is OptState.UNSCALED for st in scaler._per_optimizer_states.values())
-    except (ImportError, AttributeError):
-        return False
-
-
 def _check_scaler(scaler) -> None:
     if scaler is not None and not (hasattr(scaler, "is_enabled") and hasattr(scaler, "get_scale")):
         raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
@@ -375,15 +373,8 @@ class Scope(Run):
                 isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in unit_dims.items())):
             raise TypeError(f"unit_dims must map call-site names to dimension ints, e.g. {{'conv.1': 1}}; got {unit_dims!r}")
 
-        params, seen = [], set()
-        module_info = {}
-        for mname, module in model.named_modules():
-            own = [(pn, p) for pn, p in module.named_parameters(recurse=False)
-                   if p.requires_grad and p.numel() > 0 and id(p) not in seen]  # empty tensors have no statistics
-            for pn, p in own:
-                seen.add(id(p))
-                params.append((f"{mname}.{pn}" if mname else pn, mname, p))
-            module_info[mname] = {"module": type(module).__name__, "params": sum(p.numel() for _, p in own)}
+        params, module_info = _trainable(model)
+        seen = {id(p) for _, _, p in params}
         if not params:
             raise ValueError(f"{type(model).__name__} has no trainable parameters (none with requires_grad=True): "
                              "gradscope monitors gradients, so unfreeze at least one parameter before watch()")
@@ -441,6 +432,9 @@ class Scope(Run):
         self._snapshot_step = -2
         self._collector = Collector(model, [p for _, _, p in params], dead_window=dead_window,
                                     saturation_eps=saturation_eps, unit_dims=unit_dims, functional=functional)
+        self._collector.on_params_changed = self._follow_params
+        self._param_slots = None  # see _params_moved
+        self._warned_unmonitored: set[str] = set()
         try:
             self._collector.active = True
             if optimizer is not None:
@@ -484,7 +478,7 @@ class Scope(Run):
         if not self.attached:
             raise RuntimeError("this scope is detached; call gradscope.watch(model) again to keep monitoring")
         _check_scaler(scaler)
-        if not self._collector.backward_seen:
+        if not self._collector.backward_seen and not (self._follow_params() and self._collector.backward_seen):
             raise RuntimeError("scope.step() was called with no backward pass since the last step: call "
                                "loss.backward() before scope.step(), once per optimizer step")
         if loss is not None:
@@ -569,8 +563,35 @@ class Scope(Run):
                 f"every={self.every}, {self._num_steps} steps, {len(self._book.alerts)} alerts>")
 
     # -- internals ---------------------------------------------------------------------------------------------------
+    def _params_moved(self) -> bool:
+        """Whether a tracked parameter is no longer its module's (a parameter attribute set anew): a loop over the
+        tracked parameters, run on collected steps only."""
+        slots = self._param_slots
+        if slots is None:
+            slots = self._param_slots = [(self.model.get_submodule(lname)._parameters, pname.rsplit(".", 1)[-1], p)
+                                         for pname, lname, p in self._params]
+        return any(table.get(leaf) is not p for table, leaf, p in slots)
+
+    def _follow_params(self) -> bool:
+        """Follow the model's parameters if they were replaced (``load_state_dict(..., assign=True)`` or a parameter
+        attribute set anew): the scope tracks the new objects from now on. Returns whether they were."""
+        self._param_slots = None
+        params, module_info = _trainable(self.model)
+        if not self._collector.params_replaced([p for _, _, p in params]):
+            return False
+        if not params:
+            raise RuntimeError(f"the watched {type(self.model).__name__} has no trainable parameters any more; "
+                               "detach the scope (scope.detach()) or unfreeze a parameter")
+        self._params, self._module_info = params, module_info
+        self._param_layers = [m for m in module_info if module_info[m]["params"]]
+        self._collector.set_params([p for _, _, p in params])
+        self._snapshot, self._snapshot_step = None, -2  # an update ratio across a load would measure the load
+        self._layers_seen = -1
+        self._update_layers()
+        return True
+
     def _on_optimizer_step(self, optimizer, args, kwargs):
-        if not self._collector.backward_seen:
+        if not self._collector.backward_seen and not (self._follow_params() and self._collector.backward_seen):
             if not self._warned_no_backward:
                 warnings.warn("gradscope: optimizer.step() ran with no backward pass since the last step; that step is "
                               "not recorded", RuntimeWarning, stacklevel=3)
@@ -586,13 +607,13 @@ class Scope(Run):
         by lowering the scale. Telling them apart costs one host sync, only on this path.
         """
         c = self._collector
-        scale = _scale_tensor(self._scaler)
+        scale = _torch.scale_tensor(self._scaler)
         if not c.backward_seen:
             self._scale_at_start = None if scale is None else scale.detach().clone()  # the scale this backward uses
             return
         start = self._scale_at_start
         if start is None and scale is not None:  # GradScaler creates its scale tensor at its first scale() call
-            start = torch.full_like(scale, float(getattr(self._scaler, "_init_scale", 2.0 ** 16)))
+            start = torch.full_like(scale, _torch.init_scale(self._scaler))
         if scale is not None and bool(scale < start):
             self._close_step(self._scaler, scale_t=start, skipped=True)
             self._scale_at_start = scale.detach().clone()
@@ -601,6 +622,8 @@ class Scope(Run):
         c = self._collector
         step = self._num_steps
         if c.active:
+            if self._params_moved():
+                self._follow_params()
             try:
                 self._update_layers()
                 record = self._collect(step, scaler, scale_t, skipped)
@@ -632,6 +655,19 @@ class Scope(Run):
             listener(self, record, new)
         self._book.raise_if_needed(new)
         return new
+
+    def _note_unmonitored(self) -> None:
+        """Say once which modules run only inside reentrant activation checkpointing, and list them in the record
+        (``meta["unmonitored"]``): their outputs exist only while autograd is off, so they get no tensor hooks."""
+        new = self._collector.unmonitored - self._warned_unmonitored
+        if not new:
+            return
+        self._warned_unmonitored |= new
+        self.meta["unmonitored"] = sorted(self._warned_unmonitored)
+        warnings.warn(f"gradscope: {sorted(new)} run only inside torch.utils.checkpoint(..., use_reentrant=True), "
+                      "whose forward pass runs without autograd: their backprop signals and activation statistics "
+                      "(functional ones inside too) are not recorded, only their parameter gradients. Pass "
+                      "use_reentrant=False to checkpoint() to monitor them fully.", RuntimeWarning, stacklevel=4)
 
     def _take_snapshot(self, step: int) -> None:
         """Copy the parameters before this step's optimizer update; the next (collected) step reports ||dw|| / ||w||."""
@@ -694,10 +730,12 @@ class Scope(Run):
 
     def _collect(self, step: int, scaler, scale_t=None, skipped: bool = False) -> StepRecord:
         c = self._collector
+        c.gather()
+        self._note_unmonitored()
         have = [(i, p.grad) for i, (_, _, p) in enumerate(self._params) if p.grad is not None]
         grads = [g for _, g in have]
         weights = [self._params[i][2] for i, _ in have]
-        scale_t = _scale_tensor(scaler) if scale_t is None else scale_t
+        scale_t = _torch.scale_tensor(scaler) if scale_t is None else scale_t
         use_snapshot = self._snapshot is not None and self._snapshot_step == step - 1
         extra = self._extra
         if self._reduce_ranks and _world_size() > 1:
@@ -760,7 +798,7 @@ class Scope(Run):
         sat_stats = {site: (k / sat_numel[site], total / sat_numel[site])
                      for site, k, total in zip(sat_sites, got.get("saturated", []), got.get("sat_total", []))}
         scale = got["scale"][0] if scale_t is not None else 1.0
-        grad_scale = 1.0 if scale_t is None or _grads_already_unscaled(scaler) else scale
+        grad_scale = 1.0 if scale_t is None or _torch.grads_already_unscaled(scaler) else scale
         self.grad_divisor = grad_scale
 
         bad = [k for k in range(n) if not math.isfinite(g_norm[k])]
@@ -786,10 +824,10 @@ class Scope(Run):
                 a["zeros"] += numel - g_nonzero[k]
             if w_norm is not None:
                 st["weight_norm"] = w_norm[k]
-                a["wsq"] += w_norm[k] ** 2
+                a["wsq"] += w_norm[k] * w_norm[k]
             if upd is not None:
                 st["update_ratio"] = upd[k] / w_norm[k] if w_norm[k] > 0 else math.nan
-                a["usq"] += upd[k] ** 2
+                a["usq"] += upd[k] * upd[k]
 
         layers = {}
         for e in self.meta["layers"]:

@@ -37,7 +37,8 @@ def hook_entries(model: nn.Module, optimizer=None) -> list[str]:
     found = []
     for name, m in model.named_modules():
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                     "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+                     "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+                     "_load_state_dict_post_hooks"):
             if getattr(m, attr, None):
                 found.append(f"{name}.{attr}")
     for name, p in model.named_parameters():

@@ -1,5 +1,6 @@
-"""Issue 12 (reliability), the items done so far: every training dtype, audit after detach, clear errors on bad
-arguments of watch()/load()/plot()/decay_factor()/gradient_flow()."""
+"""Issue 12 (reliability): every training dtype, audit after detach, clear errors on bad arguments of
+watch()/load()/plot()/decay_factor()/gradient_flow(), crash-safe logs, pickled watched models, evaluation forwards,
+interrupted forwards, reentrant checkpointing, assigned parameters, PyTorch private APIs."""
 
 import json
 import math
@@ -149,3 +150,234 @@ def test_a_cut_log_is_refused_or_recovered_and_says_so(run_file):
         lines[-1], json.dumps({"type": "end", "steps": 2, "alerts": len(scope.alerts)}) + "\n"))
     with pytest.raises(ValueError, match="end line counts 2 steps"):
         gradscope.load(tmp_path / "edited.jsonl")
+
+
+# -- item 2: a watched model pickles, and its copy loads unwatched ----------------------------------------------------
+def relu_mlp():
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def train_steps(model, scope, steps, opt=None):
+    for _ in range(steps):
+        F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+        if opt is None:
+            scope.step()
+        else:
+            opt.step()
+        model.zero_grad()
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "deepcopy"])
+@pytest.mark.parametrize("mode", ["manual", "optimizer+scaler"])
+def test_a_watched_model_saves_whole_and_loads_unwatched(tmp_path, how, mode):
+    import copy
+    import pickle
+
+    from conftest import hook_entries
+
+    model = relu_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = {} if mode == "manual" else {"optimizer": opt, "scaler": torch.amp.GradScaler("cpu")}
+    scope = gradscope.watch(model, **kwargs)
+    train_steps(model, scope, 2, opt if kwargs else None)
+    if how == "pickle":
+        copy_ = pickle.loads(pickle.dumps(model))  # used to raise: cannot pickle '_ForwardState' object
+    elif how == "torch.save":
+        torch.save(model, tmp_path / "model.pt")  # pytorch/examples' word_language_model checkpoint
+        copy_ = torch.load(tmp_path / "model.pt", weights_only=False)
+    else:
+        copy_ = copy.deepcopy(model)
+    x = torch.randn(4, 6)
+    assert torch.equal(copy_(x), model(x))  # the copy computes the same; its first forward drops the inert hooks
+    assert hook_entries(copy_) == [] and gradscope.scope.watched_by(copy_) is None
+    copy_(x).sum().backward()  # and records nothing anywhere
+    train_steps(model, scope, 1, opt if kwargs else None)
+    assert scope.history.steps == [0, 1, 2] and scope.attached  # the watched original goes on as before
+    second = gradscope.watch(copy_)  # the copy can be watched on its own
+    train_steps(copy_, second, 1)
+    assert second.history.steps == [0] and second.latest()["0"]["grad_norm"] > 0
+    second.detach()
+    scope.detach()
+    assert hook_entries(model, opt) == []
+
+
+# -- item 3: forwards with grad enabled and no backward (an evaluation loop without torch.no_grad) -------------------
+def test_forwards_no_backward_reaches_hold_bounded_memory_and_count_nowhere():
+    torch.manual_seed(0)
+    model, clean = relu_mlp(), relu_mlp()
+    clean.load_state_dict(model.state_dict())
+    scope, reference = gradscope.watch(model), gradscope.watch(clean)
+    batches = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(3)]
+    for x, y in batches:
+        model.eval()
+        for _ in range(300):  # the evaluation loop that forgot torch.no_grad()
+            model(torch.randn(32, 6))
+            c = scope._collector
+            assert len(c._passes) <= c.MAX_PENDING_PASSES + 1  # bounded, whatever the user does between steps
+            assert sum(len(p.handles) for p in c._passes) <= len(model) * (c.MAX_PENDING_PASSES + 1)
+        model.train()
+        for m, s in ((model, scope), (clean, reference)):
+            F.cross_entropy(m(x), y).backward()
+            s.step()
+            m.zero_grad()
+    for got, want in zip(scope.history, reference.history):
+        assert got.layers == want.layers  # the statistics describe the training batches only
+    assert scope._collector.dead["1"].seen == 3 * 8  # samples: three training batches of 8, no evaluation sample
+    scope.detach()
+    reference.detach()
+
+
+def test_a_loss_over_several_forward_passes_counts_each_of_them():
+    model = relu_mlp()
+    scope = gradscope.watch(model)
+    views = [model(torch.randn(8, 6)) for _ in range(3)]  # siamese / contrastive views: one backward for all
+    model(torch.randn(8, 6))  # an unrelated forward no backward reaches
+    sum(v.square().mean() for v in views).backward()
+    scope.step()
+    assert scope._collector.dead["1"].seen == 3 * 8
+    scope.detach()
+
+
+# -- item 6: a KeyboardInterrupt inside a forward pass ---------------------------------------------------------------
+class Interruptible(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(6, 6)
+        self.interrupt = False
+
+    def forward(self, x):
+        x = torch.relu(self.inner(x))
+        if self.interrupt:
+            raise KeyboardInterrupt  # Ctrl-C: PyTorch's always_call hooks do not run for a BaseException
+        return x
+
+
+def test_the_step_after_a_keyboard_interrupt_in_forward_starts_clean():
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 6), Interruptible(), nn.Linear(6, 3))
+
+    model, clean = build(), build()
+    scope, reference = gradscope.watch(model), gradscope.watch(clean)
+    x = torch.randn(4, 6)
+    model[1].interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    model[1].interrupt = False
+    torch.sigmoid(torch.randn(3, requires_grad=True))  # the user's own call, outside any forward of the model
+    for m, s in ((model, scope), (clean, reference)):
+        m(x).sum().backward()
+        s.step()
+    assert scope.layer_names == reference.layer_names == ["0", "1.inner", "1:relu", "1", "2"]
+    assert scope.history[-1].layers == reference.history[-1].layers
+    assert torch.overrides._get_current_function_mode_stack() == []  # nothing of gradscope is left entered
+    scope.detach()
+    reference.detach()
+
+
+# -- item 7: torch.utils.checkpoint(use_reentrant=True) is said, not silently half-monitored -------------------------
+class Checkpointed(nn.Module):
+    def __init__(self, reentrant):
+        super().__init__()
+        self.inner, self.out, self.reentrant = nn.Linear(6, 6), nn.Linear(6, 3), reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.out(checkpoint(lambda t: F.relu(self.inner(t)), x, use_reentrant=self.reentrant))
+
+
+def test_reentrant_checkpointing_is_stated_in_a_warning_and_the_record(tmp_path):
+    import warnings as w
+
+    model = Checkpointed(reentrant=True)
+    scope = gradscope.watch(model)
+    with pytest.warns(RuntimeWarning, match=r"\['inner'\] run only inside torch.utils.checkpoint.*use_reentrant=False"):
+        model(torch.randn(4, 6, requires_grad=True)).sum().backward()
+        scope.step()
+    with w.catch_warnings():
+        w.simplefilter("error")  # said once
+        model(torch.randn(4, 6, requires_grad=True)).sum().backward()
+        scope.step()
+    assert "backprop_signal" not in scope.latest()["inner"] and scope.latest()["inner"]["grad_norm"] > 0
+    scope.detach()
+    scope.save(tmp_path / "run.jsonl")
+    assert gradscope.load(tmp_path / "run.jsonl").meta["unmonitored"] == ["inner"]
+
+    model = Checkpointed(reentrant=False)  # the recommended checkpointing is monitored fully, with no warning
+    scope = gradscope.watch(model)
+    with w.catch_warnings():
+        w.simplefilter("error")
+        model(torch.randn(4, 6)).sum().backward()
+        scope.step()
+    assert "backprop_signal" in scope.latest()["inner"] and ":relu" in scope.layer_names
+    assert "unmonitored" not in scope.meta
+    scope.detach()
+
+
+# -- item 8: parameters replaced while watched -----------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["load_state_dict(assign=True)", "attribute"])
+def test_replaced_parameters_are_followed(how):
+    model = relu_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model)
+    train_steps(model, scope, 1)
+    fresh = relu_mlp()
+    if how == "attribute":
+        model[0].weight = nn.Parameter(fresh[0].weight.detach().clone())
+    else:
+        model.load_state_dict({k: v.clone() for k, v in fresh.state_dict().items()}, assign=True)
+    F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+    scope.step()  # used to say "no backward pass" although one ran
+    per_param = scope.latest(per="param")
+    for name, p in model.named_parameters():
+        assert per_param[name]["grad_norm"] == pytest.approx(exact_norm(p.grad), rel=1e-6), name
+    assert [p for _, p in scope.named_parameters()] == list(model.parameters())
+    scope.detach()
+    del opt
+
+
+# -- item 17: PyTorch's private APIs fail loudly ---------------------------------------------------------------------
+def test_private_torch_apis_read_what_the_public_ones_say():
+    from gradscope import _torch
+
+    model = small(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert _torch.scale_tensor(scaler) is None and _torch.init_scale(scaler) == 1024.0
+    scaler.scale(model(torch.randn(2, 6)).sum()).backward()
+    assert _torch.scale_tensor(scaler).item() == scaler.get_scale() == 1024.0
+    assert not _torch.grads_already_unscaled(scaler)
+    scaler.unscale_(opt)
+    assert _torch.grads_already_unscaled(scaler)
+    assert not _torch.in_backward()
+    seen = []
+    model[0].weight.register_hook(lambda g: seen.append(_torch.in_backward()))
+    model(torch.randn(2, 6)).sum().backward()
+    assert seen == [True]
+    assert _torch.scale_tensor(torch.amp.GradScaler("cpu", enabled=False)) is None
+
+
+@pytest.mark.parametrize("renamed", ["_per_optimizer_states", "_scale", "_init_scale"])
+def test_a_renamed_grad_scaler_internal_stops_gradscope_loudly(renamed):
+    """A PyTorch that renames a GradScaler internal must not get gradients divided by the scale twice in silence."""
+    import re
+
+    model = small(torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    loud = pytest.raises(gradscope._torch.PrivateAPIError,
+                         match=f"GradScaler.{renamed}.*PyTorch {re.escape(torch.__version__)}")
+    if renamed == "_init_scale":  # read by the optimizer mode when a backward pass had no optimizer step
+        scope = gradscope.watch(model, optimizer=opt, scaler=scaler)
+        scaler.scale(model(torch.randn(2, 6)).sum()).backward()
+        delattr(scaler, renamed)  # what a PyTorch that renamed it would hand us
+        with loud:
+            model(torch.randn(2, 6))
+    else:
+        scope = gradscope.watch(model)
+        scaler.scale(model(torch.randn(2, 6)).sum()).backward()
+        delattr(scaler, renamed)
+        with loud:
+            scope.step(scaler=scaler)
+    scope.detach()
