@@ -12,6 +12,12 @@ opens it. Every line has a ``"type"``:
 * ``"alert"``: one per alert, with the fields of :class:`gradscope.Alert`.
 * ``"end"`` (last line, format version 2): ``steps`` and ``alerts``, the counts of what the file holds.
 
+A log streamed while training (``watch(..., log_to=path)``, :class:`LogStream`) has the same lines, written one
+collected step at a time: each step's block (its step, layer and param lines, then the alerts raised at that step)
+ends with a ``"sync"`` line holding the counts so far, and a later ``"meta"`` line replaces the earlier one when the
+layer table grew (a branch first taken late). A run killed mid-way has no end line, and
+``load(path, partial=True)`` recovers every step up to the last sync line.
+
 JSON has no NaN or infinity, so non-finite statistics are written as ``null`` and read back as ``nan``; the
 ``grad_nonfinite`` count keeps how many NaN/Inf entries a gradient had.
 """
@@ -237,11 +243,7 @@ class Run:
                 _write(f, {"type": "meta", **self.meta})
                 records = self.history.records()
                 for rec in records:
-                    _write(f, {"type": "step", "step": rec.step, **rec.info})
-                    for name, stats in rec.layers.items():
-                        _write(f, {"type": "layer", "step": rec.step, "name": name, **stats})
-                    for name, stats in rec.params.items():
-                        _write(f, {"type": "param", "step": rec.step, "name": name, **stats})
+                    _write_record(f, rec)
                 for a in self._alerts:
                     _write(f, {"type": "alert", **a.to_dict()})
                 _write(f, {"type": "end", "steps": len(records), "alerts": len(self._alerts)})
@@ -255,6 +257,85 @@ class Run:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _write_record(f, rec: StepRecord) -> None:
+    _write(f, {"type": "step", "step": rec.step, **rec.info})
+    for name, stats in rec.layers.items():
+        _write(f, {"type": "layer", "step": rec.step, "name": name, **stats})
+    for name, stats in rec.params.items():
+        _write(f, {"type": "param", "step": rec.step, "name": name, **stats})
+
+
+class LogStream:
+    """Writes a run to a JSON Lines file while it trains, one collected step at a time (``watch(..., log_to=path)``).
+
+    Each step's block is written with one ``write`` and flushed, so a process killed at step 90,000 leaves a log of
+    its steps up to the last complete block (``gradscope.load(path, partial=True)`` reads them). :meth:`close` (the
+    scope's ``detach()``) writes the end line and syncs the file to disk. Every collected step is written, not the
+    thinned in-memory history.
+
+    Raises:
+        TypeError: ``path`` is not a path.
+        FileExistsError: a file is already there: a log is never written over.
+        FileNotFoundError / NotADirectoryError: its directory does not exist.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"log_to must be a file path (str or os.PathLike) or None, got {path!r}")
+        self.path = os.fspath(path)
+        if os.path.exists(self.path):
+            raise FileExistsError(f"log_to={self.path!r} already exists: gradscope never writes over a log; remove "
+                                  "it or choose a new path (e.g. one with the date or run id in it)")
+        directory = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"log_to={self.path!r}: its directory {directory!r} does not exist; create it "
+                                    "first (os.makedirs(..., exist_ok=True))")
+        self._f = open(self.path, "x", encoding="utf-8")
+        self.steps = 0
+        self.alerts = 0
+        self._meta_seen = None  # the layer table (and unmonitored list) objects the last meta line was written from
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def write(self, meta: dict, record: StepRecord, alerts: list[Alert]) -> None:
+        """Append one collected step and the alerts it raised (and a meta line first if the layer table changed)."""
+        buf = io.StringIO()
+        seen = (meta.get("layers"), meta.get("unmonitored"))
+        if self._meta_seen is None or any(a is not b for a, b in zip(seen, self._meta_seen)):
+            _write(buf, {"type": "meta", **meta})
+            self._meta_seen = seen
+        _write_record(buf, record)
+        for a in alerts:
+            _write(buf, {"type": "alert", **a.to_dict()})
+        _write(buf, {"type": "sync", "steps": self.steps + 1, "alerts": self.alerts + len(alerts)})
+        self._f.write(buf.getvalue())
+        self._f.flush()
+        self.steps += 1
+        self.alerts += len(alerts)
+
+    def abandon(self) -> None:
+        """Close the file without an end line (a write failed: what is there loads with ``partial=True``)."""
+        with contextlib.suppress(OSError, ValueError):
+            self._f.close()
+
+    def close(self, meta: dict | None = None) -> None:
+        """Write the end line (and a meta line first if ``meta`` changed, or none was written), sync and close.
+        Idempotent."""
+        if self._f.closed:
+            return
+        try:
+            if meta is not None and (self._meta_seen is None or any(
+                    a is not b for a, b in zip((meta.get("layers"), meta.get("unmonitored")), self._meta_seen))):
+                _write(self._f, {"type": "meta", **meta})
+            _write(self._f, {"type": "end", "steps": self.steps, "alerts": self.alerts})
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        finally:
+            self._f.close()
 
 
 def _clean(v):
@@ -452,6 +533,7 @@ def load(path: str | os.PathLike, history: int | None = None, partial: bool = Fa
     alerts: list[Alert] = []
     meta = None
     end = None  # the line number of the end line
+    synced = None  # (steps, alerts) at the last sync line of a streamed log: complete up to there
     cut = None  # why the file is incomplete, if it is
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -478,12 +560,22 @@ def load(path: str | os.PathLike, history: int | None = None, partial: bool = Fa
                 meta.setdefault("layers", [])  # the figures read meta["layers"]
                 continue
             kind = row["type"]
-            if kind == "end":
+            if kind in ("end", "sync"):
                 want = (_int(row, "steps"), _int(row, "alerts"))
                 if want != (len(records), len(alerts)):
-                    raise ValueError(f"the end line counts {want[0]} steps and {want[1]} alerts, the file holds "
-                                     f"{len(records)} and {len(alerts)}: it was changed after it was saved")
-                end = i
+                    raise ValueError(f"the {kind} line counts {want[0]} steps and {want[1]} alerts, the file holds "
+                                     f"{len(records)} and {len(alerts)}: it was changed after it was written")
+                if kind == "end":
+                    end = i
+                else:
+                    synced = want
+            elif kind == "meta":  # a streamed log's layer table grew: the newer meta line replaces the older
+                if row.get("format") != FORMAT:
+                    raise ValueError(f"a meta line must have format {FORMAT!r}")
+                newer = {k: v for k, v in row.items() if k != "type"}
+                _check_meta(newer)
+                newer.setdefault("layers", [])
+                meta = newer
             elif kind == "step":
                 step = _int(row, "step")
                 rec = records.setdefault(step, StepRecord(step, {}, {}, {}))
@@ -508,7 +600,10 @@ def load(path: str | os.PathLike, history: int | None = None, partial: bool = Fa
         if not partial:
             raise ValueError(f"{path!r} was cut short ({cut}): it holds {len(records)} steps and {len(alerts)} "
                              "alerts before the cut; gradscope.load(path, partial=True) recovers the complete steps")
-        if records:  # the last step may have lost some of its lines
+        if synced is not None:  # a streamed log: every block up to the last sync line is complete
+            records = dict(list(records.items())[:synced[0]])
+            del alerts[synced[1]:]
+        elif records:  # the last step may have lost some of its lines
             records.pop(max(records))
         warnings.warn(f"gradscope: {path!r} was cut short ({cut}); loaded its {len(records)} complete steps and "
                       f"{len(alerts)} alerts (alerts are written after the steps: a file cut before them has none)",

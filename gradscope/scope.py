@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import warnings
 from array import array
@@ -17,7 +18,7 @@ from . import _torch
 from .alerts import Alert, AlertBook
 from .collect import Collector
 from .detectors import ADAPTIVE, SATURATING, Context, Nonfinite, default_detectors
-from .record import FORMAT, FORMAT_VERSION, History, Run, StepRecord
+from .record import FORMAT, FORMAT_VERSION, History, LogStream, Run, StepRecord
 from .activations import through_time_summary
 from .stats import Transfer, _wide, max_abs, nonfinite_counts, nonzero_counts, norms, sum_by_key
 
@@ -144,7 +145,7 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
           detectors: list | None = None, raise_on=(), history: int = 2000, dead_window: int = 1000,
           saturation_eps: float = 0.02, unit_dims: dict | None = None, functional: bool = True,
           update_ratio: bool = False, extra_stats=(), log_all_ranks: bool = False,
-          reduce_ranks: bool | None = None) -> "Scope":
+          reduce_ranks: bool | None = None, log_to=None) -> "Scope":
     """Attach gradscope to ``model`` and return the :class:`Scope` that monitors it.
 
     Two ways to close a step:
@@ -187,6 +188,10 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
             collected step, which every rank must reach), so that every rank holds the same records and alerts.
             Default: when ``model`` is a ``DistributedDataParallel`` wrapper. Pass True when you watch the module
             inside one yourself; a scope on one rank only (an evaluation model on rank 0) must not reduce.
+        log_to: a new file to stream the run to as it trains (see :class:`gradscope.record.LogStream`): every
+            collected step is appended and flushed as it closes, and ``detach()`` writes the end line, so a run
+            killed at step 90,000 keeps its steps (``gradscope.load(path, partial=True)``). An existing file is
+            refused, never written over. Under ``torch.distributed`` only rank 0 writes.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module`` (or ``optimizer``/``scaler`` are of the wrong type).
@@ -195,7 +200,7 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
     return Scope(model, every=every, optimizer=optimizer, scaler=scaler, detectors=detectors, raise_on=raise_on,
                  history=history, dead_window=dead_window, saturation_eps=saturation_eps, unit_dims=unit_dims,
                  functional=functional, update_ratio=update_ratio, extra_stats=extra_stats,
-                 log_all_ranks=log_all_ranks, reduce_ranks=reduce_ranks)
+                 log_all_ranks=log_all_ranks, reduce_ranks=reduce_ranks, log_to=log_to)
 
 
 def _uncompiled(model: nn.Module, ddp: bool = True) -> nn.Module:
@@ -331,7 +336,7 @@ class Scope(Run):
 
     def __init__(self, model, every=1, *, optimizer=None, scaler=None, detectors=None, raise_on=(), history=2000,
                  dead_window=1000, saturation_eps=0.02, unit_dims=None, functional=True, update_ratio=False,
-                 extra_stats=(), log_all_ranks=False, reduce_ranks=None):
+                 extra_stats=(), log_all_ranks=False, reduce_ranks=None, log_to=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradscope.watch() expects a torch.nn.Module, got {type(model).__name__}; "
                             "pass the model itself, e.g. gradscope.watch(model)")
@@ -360,6 +365,8 @@ class Scope(Run):
                              f"the detectors in use raise {sorted(kinds)}")
         hist = History(history)
         extra = _extra_stats(extra_stats)
+        if log_to is not None and not isinstance(log_to, (str, os.PathLike)):
+            raise TypeError(f"log_to must be a file path (str or os.PathLike) or None, got {log_to!r}")
         for name, flag in (("functional", functional), ("update_ratio", update_ratio), ("log_all_ranks", log_all_ranks)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -433,6 +440,8 @@ class Scope(Run):
         self._collector = Collector(model, [p for _, _, p in params], dead_window=dead_window,
                                     saturation_eps=saturation_eps, unit_dims=unit_dims, functional=functional)
         self._collector.on_params_changed = self._follow_params
+        self._stream: LogStream | None = None
+        self._stream_close = None
         self._param_slots = None  # see _params_moved
         self._warned_unmonitored: set[str] = set()
         try:
@@ -443,6 +452,10 @@ class Scope(Run):
                     self._collector.watch_backward()
                     self._collector.on_new_forward = self._check_skipped_step
             self._update_layers()
+            if log_to is not None and _rank() == 0:
+                self._stream = LogStream(log_to)
+                # closes the log (its end line) at detach(), when the scope is collected, or at interpreter exit
+                self._stream_close = weakref.finalize(self, self._stream.close)
         except BaseException:
             self.detach()
             raise
@@ -537,6 +550,9 @@ class Scope(Run):
         The records stay readable after detaching.
         """
         self._collector.remove()
+        if self._stream is not None and not self._stream.closed:
+            self._stream_close.detach()
+            self._stream.close(self.meta)
         if self._opt_handle is not None:
             self._opt_handle.remove()
             self._opt_handle = None
@@ -651,10 +667,22 @@ class Scope(Run):
             self._overflow_streak = 0
             new = self._book.update([a for d in self.detectors for a in d.check(record, self.meta["layers"])])
         self.history.append(record)
+        if self._stream is not None and not self._stream.closed:
+            self._write_stream(record, new)
         for listener in list(self._listeners):
             listener(self, record, new)
         self._book.raise_if_needed(new)
         return new
+
+    def _write_stream(self, record: StepRecord, new: list[Alert]) -> None:
+        try:
+            self._stream.write(self.meta, record, new)
+        except (OSError, ValueError) as e:  # a full disk must not stop the training: say so, keep the records
+            self._stream_close.detach()
+            self._stream.abandon()
+            warnings.warn(f"gradscope: writing to log_to={self._stream.path!r} failed at step {record.step} ({e}); "
+                          "streaming stopped there. The records stay in memory: scope.save(path) writes them.",
+                          RuntimeWarning, stacklevel=4)
 
     def _note_unmonitored(self) -> None:
         """Say once which modules run only inside reentrant activation checkpointing, and list them in the record

@@ -45,8 +45,9 @@ class Seq(nn.Module):
 
 @pytest.fixture(scope="module")
 def saved_runs(tmp_path_factory) -> dict[str, bytes]:
-    """The bytes of two real saved runs: a sigmoid MLP with vanishing and nonfinite alerts (a NaN input at the last
-    collected step; the optional statistics too), and a small recurrent model with a gradient-spike alert."""
+    """The bytes of three real logs: a sigmoid MLP with vanishing and nonfinite alerts (a NaN input at the last
+    collected step; the optional statistics too), and a small recurrent model with a gradient-spike alert, saved and
+    streamed as it trained (log_to: sync lines after every step)."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("fuzz-base")
     model = deep_mlp(5, 4, "sigmoid", in_features=5)
@@ -65,7 +66,7 @@ def saved_runs(tmp_path_factory) -> dict[str, bytes]:
     scope.save(folder / "mlp.jsonl")
 
     model = Seq()
-    scope = gradscope.watch(model, dead_window=2)
+    scope = gradscope.watch(model, dead_window=2, log_to=folder / "stream.jsonl")
     for step in range(4):
         loss = F.cross_entropy(model(torch.randn(4, 8, 3)), torch.randint(0, 2, (4,)))
         (loss * (1e4 if step == 3 else 1.0)).backward()  # a gradient spike: an alert that names related layers
@@ -75,7 +76,8 @@ def saved_runs(tmp_path_factory) -> dict[str, bytes]:
     assert "through_time" in scope.latest()["rnn"] and any(e.get("role") for e in scope.meta["layers"])
     assert any(a.related for a in scope.alerts)
     scope.save(folder / "seq.jsonl")
-    return {name: (folder / f"{name}.jsonl").read_bytes() for name in ("mlp", "seq")}
+    assert '"type": "sync"' in (folder / "stream.jsonl").read_text()
+    return {name: (folder / f"{name}.jsonl").read_bytes() for name in ("mlp", "seq", "stream")}
 
 
 # Mutations: each takes (rng, data) and returns (mutated data, what it did).

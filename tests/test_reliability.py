@@ -381,3 +381,109 @@ def test_a_renamed_grad_scaler_internal_stops_gradscope_loudly(renamed):
         with loud:
             scope.step(scaler=scaler)
     scope.detach()
+
+
+# -- item 4: a run streamed to disk as it trains (watch(..., log_to=path)) -------------------------------------------
+class LateBranch(nn.Module):
+    """A branch first taken at step 3: the layer table grows mid-run."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.extra, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.use_extra = False
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.head(self.extra(h) if self.use_extra else h)
+
+
+def test_a_streamed_log_equals_the_saved_one_and_follows_the_layer_table(tmp_path):
+    model = LateBranch()
+    scope = gradscope.watch(model, log_to=tmp_path / "stream.jsonl",
+                            detectors=[gradscope.Vanishing(patience=1), gradscope.Nonfinite()])
+    for step in range(6):
+        model.use_extra = step >= 3
+        x = torch.randn(8, 6)
+        if step == 5:
+            x[0, 0] = float("nan")  # a nonfinite alert, streamed with its step
+        F.cross_entropy(model(x), torch.randint(0, 3, (8,))).backward()
+        scope.step()
+        model.zero_grad()
+    assert scope.alerts
+    streamed_open = (tmp_path / "stream.jsonl").read_text()
+    assert streamed_open.count('"type": "sync"') == 6 and '"type": "end"' not in streamed_open  # flushed per step
+    scope.detach()
+    scope.save(tmp_path / "saved.jsonl")
+    streamed, saved = gradscope.load(tmp_path / "stream.jsonl"), gradscope.load(tmp_path / "saved.jsonl")
+    assert "extra" in streamed.layer_names and streamed.meta == saved.meta
+    assert [(r.step, r.info, r.layers.keys(), r.params.keys()) for r in streamed.history] == \
+        [(r.step, r.info, r.layers.keys(), r.params.keys()) for r in saved.history]
+    assert [a.to_dict() for a in streamed.alerts] == [a.to_dict() for a in saved.alerts]
+
+
+def test_a_streamed_run_killed_mid_way_keeps_its_steps(tmp_path):
+    import subprocess
+    import sys
+
+    log = tmp_path / "killed.jsonl"
+    script = f"""
+import os, signal, torch, torch.nn.functional as F
+from torch import nn
+import gradscope
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+scope = gradscope.watch(model, log_to={str(log)!r})
+for step in range(40):
+    F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+    scope.step()
+    model.zero_grad()
+os.kill(os.getpid(), signal.SIGKILL)  # no detach(), no atexit, no finaliser: the process just dies
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+    with pytest.raises(ValueError, match="cut short .*it has no end line"):
+        gradscope.load(log)
+    with pytest.warns(RuntimeWarning, match="cut short"):
+        run = gradscope.load(log, partial=True)
+    assert run.history.steps == list(range(40))  # every step the killed run closed
+    text = log.read_text()
+    log.write_text(text[:len(text) - 300])  # and a block cut part-way: the steps before it, never a half step
+    with pytest.warns(RuntimeWarning, match="cut short"):
+        run = gradscope.load(log, partial=True)
+    assert run.history.steps == list(range(39))
+
+
+def test_log_to_never_writes_over_a_log_and_names_the_fix(tmp_path):
+    from conftest import hook_entries
+
+    model = small(torch.float32)
+    (tmp_path / "old.jsonl").write_text("precious")
+    for log_to, error, match in ((tmp_path / "old.jsonl", FileExistsError, "never writes over a log"),
+                                 (tmp_path / "no" / "run.jsonl", FileNotFoundError, "does not exist; create it"),
+                                 (5, TypeError, "log_to must be a file path")):
+        with pytest.raises(error, match=match):
+            gradscope.watch(model, log_to=log_to)
+        assert hook_entries(model) == []
+    assert (tmp_path / "old.jsonl").read_text() == "precious"
+
+
+def test_a_full_disk_stops_the_stream_not_the_training(tmp_path):
+    import os
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux) to fail writes as a full disk does")
+    model = small(torch.float32)
+    scope = gradscope.watch(model, log_to=tmp_path / "run.jsonl")
+    model(torch.randn(2, 6)).sum().backward()
+    scope.step()
+    scope._stream._f.close()
+    scope._stream._f = open("/dev/full", "w")  # every write fails with ENOSPC, as on a full disk
+    model(torch.randn(2, 6)).sum().backward()
+    with pytest.warns(RuntimeWarning, match="streaming stopped there.*scope.save"):
+        scope.step()
+    model(torch.randn(2, 6)).sum().backward()
+    scope.step()  # training goes on, records in memory
+    assert scope.history.steps == [0, 1, 2]
+    scope.detach()
+    with pytest.warns(RuntimeWarning, match="cut short"):
+        assert gradscope.load(tmp_path / "run.jsonl", partial=True).history.steps == [0]
