@@ -39,8 +39,9 @@ def check() -> None:
 
 
 def in_backward() -> bool:
-    """True while autograd runs a backward pass on this thread."""
-    return graph_task_id() != -1
+    """True while autograd runs a backward pass on this thread (never while Dynamo traces: the id is not traceable,
+    and a compiled forward is not re-run by checkpointing in eager hooks)."""
+    return not is_compiling() and graph_task_id() != -1
 
 
 # -- torch function modes: gradscope's own ops bypass them (speed only, so these may fall back) ----------------------
@@ -79,3 +80,35 @@ def grads_already_unscaled(scaler) -> bool:
         raise _missing("GradScaler._per_optimizer_states / OptState.UNSCALED",
                        "whether the gradients were already unscaled")
     return any(st.get("stage") is OptState.UNSCALED for st in states.values())
+
+
+# -- torch function modes: leave ours even when the user entered one above it ---------------------------------------
+def leave_function_mode(mode) -> None:
+    """Take ``mode`` off the torch function mode stack, leaving every other mode where it is.
+
+    ``mode.__exit__`` pops whatever is on top; after a ``KeyboardInterrupt`` cut a forward pass short the user may
+    have entered a mode of their own above ours (``with torch.device("meta")``), and popping it would switch it off.
+    """
+    stack = torch.overrides._get_current_function_mode_stack()
+    if not any(m is mode for m in stack):
+        return
+    if stack[-1] is mode:
+        mode.__exit__(None, None, None)
+        return
+    pop = getattr(torch._C, "_pop_torch_function_stack", None)
+    push = getattr(torch._C, "_push_on_torch_function_stack", None)
+    if pop is None or push is None:
+        raise _missing("torch._C._pop_torch_function_stack / _push_on_torch_function_stack",
+                       "to leave gradscope's function mode from under one the user entered")
+    above = []
+    while (top := pop()) is not mode:
+        above.append(top)
+    for m in reversed(above):
+        push(m)
+
+
+# -- hook handles ----------------------------------------------------------------------------------------------------
+def handle_alive(handle) -> bool:
+    """Whether the tensor a hook handle belongs to still exists (its hook dict is alive); True when unknown."""
+    ref = getattr(handle, "hooks_dict_ref", None)
+    return ref is None or ref() is not None

@@ -86,21 +86,32 @@ class _Pass:
     passes of an evaluation loop run with grad enabled, or of a generation, are not training batches.
     """
 
-    __slots__ = ("output_parts", "dead_parts", "saturation_parts", "hooked", "handles", "reached")
+    __slots__ = ("output_parts", "dead_parts", "saturation_parts", "hooked", "handles", "hooks", "reached", "evicted")
 
     def __init__(self):
         self.output_parts: list = []
         self.dead_parts: list = []
         self.saturation_parts: list = []
         self.hooked: set[str] = set()  # call sites whose outputs got a tensor hook in this pass
-        self.handles: list = []  # those tensor hooks
+        self.handles: list = []  # those tensor hooks (and the recurrent layers' input hooks)
+        self.hooks = False  # whether it has any (a flag: torch.compile cannot look into a list of handles)
         self.reached = False
+        self.evicted = False  # its parts were dropped while it waited (see Collector.MAX_PENDING_PASSES)
 
-    def drop(self) -> None:
+    def evict(self) -> None:
+        """Drop the activation-side parts; keep the gradient hooks (they go with the graph), so a backward pass that
+        still reaches this pass adds its backprop signal like every other's."""
+        self.evicted = True
+        self.output_parts, self.dead_parts, self.saturation_parts = [], [], []
+
+    def alive(self) -> bool:
+        """Whether any tensor this pass hooked still exists."""
+        return any(_torch.handle_alive(h) for h in self.handles)
+
+    def release(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
-        self.output_parts, self.dead_parts, self.saturation_parts, self.hooked = [], [], [], set()
 
 
 class _ForwardState(threading.local):
@@ -115,6 +126,7 @@ class _ForwardState(threading.local):
         self.checked_version = 0  # its version counter then: an inplace change since shows in it
         self.cur: _Pass | None = None  # the forward pass whose parts the hooks record
         self.frame = None  # the frame of the root module's call in progress (see Collector._stale)
+        self.sub_frame = None  # the outermost submodule call in progress when the root is not running
 
 
 # Gradscope's own tensor work inside a forward hook must not go through its (or anyone's) TorchFunctionMode: that
@@ -170,9 +182,11 @@ class Collector:
     """
 
     MAX_PENDING_PASSES = 64
-    """Forward passes that no backward pass has reached yet, kept waiting for one: a loss over several forward passes
-    (siamese or contrastive views, micro-batch losses summed before one backward) counts all of them up to this many.
-    Beyond it the oldest waiting pass is dropped, so an evaluation loop run with grad enabled holds bounded memory."""
+    """Forward passes that no backward pass has reached yet (the one running included), kept waiting for one: a loss
+    over several forward passes (siamese or contrastive views, micro-batch losses summed before one backward) counts
+    the activations of all of them up to this many. Beyond it the oldest waiting pass loses its activation parts (its
+    gradient hooks stay, so backprop signals still add up every pass; :attr:`evicted_reached` counts the passes a
+    backward pass reached after that), so an evaluation loop run with grad enabled holds bounded memory."""
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], *, dead_window: int = 1000,
                  saturation_eps: float = 0.02, unit_dims: dict | None = None, functional: bool = True):
@@ -186,8 +200,10 @@ class Collector:
         self.hooked: set[str] = set()  # call sites whose outputs got a tensor hook this step (see gather())
         self._passes: list[_Pass] = []  # this step's forward passes, in order
         self._waiting: list[_Pass] = []  # those no backward pass had reached when the last pass started
+        self._evicted: list[_Pass] = []  # passes whose parts were dropped while they waited: their hooks stay
+        self.evicted_reached = 0  # evicted passes a backward pass reached later (gather() counts them), all steps
+        self._step_modules: set[str] = set()  # modules whose outputs got a tensor hook this step
         self.unmonitored: set[str] = set()  # modules run only by reentrant activation checkpointing (see _on_forward)
-        self._recorded: set[str] = set()  # modules whose outputs were ever recorded (the values of `order`)
         self.order: dict[str, str] = {}  # call site -> module name, in forward order of first call
         self.functional_sites: dict[str, str] = {}  # functional call site -> activation kind
         self.dead_bank = DeadUnitBank(dead_window)
@@ -201,7 +217,6 @@ class Collector:
         self._fwd = _ForwardState()
         self.functional = functional
         self._handles: list = []
-        self._tensor_handles: list = []
         self._grad_hooks: dict = {}  # call site -> its tensor hook (made once)
         self._params = params
         self._grad_marks = [None] * len(params)
@@ -225,6 +240,12 @@ class Collector:
         self._handles.append(model.register_forward_pre_hook(self._new_forward))
         self._handles.append(model.register_forward_hook(self._end_forward, always_call=True))
         self._handles.append(model.register_load_state_dict_post_hook(self._after_load_state_dict))
+        self._read_tree(model)
+        self.arm()
+
+    def _read_tree(self, model: nn.Module) -> None:
+        """What each module is (activation kind, inplace, profiled) and where it hangs (see :meth:`tree_changed`)."""
+        self.module_kinds, self.inplace_modules, self.profile_modules = {}, set(), set()
         for name, module in model.named_modules():
             kind = module_kind(module)
             if kind is not None:
@@ -234,7 +255,28 @@ class Collector:
             owns = any(p.requires_grad for p in module.parameters(recurse=False))
             if owns or next(iter(module.children()), None) is None:
                 self.profile_modules.add(name)
-        self.arm()
+        self._tree = [(m._modules, key, child) for m in model.modules() for key, child in m._modules.items()]
+
+    def tree_changed(self) -> bool:
+        """Whether a submodule was replaced, added or removed since the hooks were placed (``model.head = ...``): one
+        identity check per module."""
+        return any(table.get(key) is not child for table, key, child in self._tree) or \
+            sum(len(table) for table in {id(t): t for t, _, _ in self._tree}.values()) != len(self._tree)
+
+    def rebuild(self) -> None:
+        """Place the per-module hooks anew after the module tree changed: on the new modules, none on the old."""
+        armed = self.armed
+        self.disarm()
+        self._hook_specs = None
+        self._read_tree(self._model)
+        if armed:
+            self.arm()
+
+    def grad_changed(self, i: int) -> bool:
+        """Whether the ``i``-th parameter's ``.grad`` is new or changed since the last step closed (a ``.grad`` no
+        backward pass touched is last step's, left unzeroed, or an orphaned module's)."""
+        g, mark = self._params[i].grad, self._grad_marks[i]
+        return g is not None and (mark is None or mark[0]() is not g or mark[1] != g._version)
 
     @property
     def armed(self) -> bool:
@@ -321,7 +363,7 @@ class Collector:
         return len(params) != len(self._params) or any(a is not b for a, b in zip(params, self._params))
 
     def _after_load_state_dict(self, module, incompatible_keys) -> None:
-        if self.on_params_changed is not None and self.attached:
+        if not self._inert(module) and self.on_params_changed is not None:
             self.on_params_changed()
 
     @property
@@ -365,13 +407,20 @@ class Collector:
         return self.active and self.attached and not _in_backward()
 
     # -- hooks -------------------------------------------------------------------------------------------------------
+    def _inert(self, module) -> bool:
+        """True for a collector that is not attached; an inert copy's (a pickled or deep-copied watched model, or
+        submodule) hooks remove themselves from ``module`` and below on their first call."""
+        if self.attached:
+            return False
+        if not hasattr(self, "_handles"):
+            self._purge(module)
+        return True
+
     def _new_forward(self, module, args):
-        if not self.attached:
-            if not hasattr(self, "_handles"):  # an inert copy's (pickled, deep-copied): it is not the watched model
-                self._purge(module)
+        if self._inert(module):
             return
         st = self._fwd
-        if st.depth > 0 and self._stale(st, sys._getframe(1).f_back):
+        if st.depth > 0 and st.frame is not None and self._stale(st, sys._getframe(1).f_back):
             self._leave_forward()  # a forward pass cut short by a KeyboardInterrupt: no hook saw it end
         if st.depth == 0 and self.on_new_forward is not None:
             self.on_new_forward()
@@ -382,7 +431,8 @@ class Collector:
         st.stack = [self._root]
         # the frame that runs the root's hooks and forward (nn.Module._call_impl's); not under torch.compile
         st.frame = sys._getframe(1) if self._frames_ok and not _is_compiling() else None
-        self._open_pass(st)
+        if torch.is_grad_enabled():  # a pass under no_grad can never be reached by a backward pass
+            self._open_pass(st)
         if self.functional and torch.is_grad_enabled() and self._watch_functional():
             st.mode = FunctionalCalls(self._on_function)
             st.mode.__enter__()
@@ -399,17 +449,24 @@ class Collector:
     def _open_pass(self, st) -> _Pass:
         """Start recording a new forward pass on this thread; drop the oldest pass still waiting for a backward pass
         beyond :attr:`MAX_PENDING_PASSES`."""
-        waiting = self._waiting
-        waiting.extend(p for p in self._passes[len(self._passes) - 1:] if not p.reached)  # the pass just finished
-        if len(waiting) > self.MAX_PENDING_PASSES:
+        waiting, passes = self._waiting, self._passes
+        if passes and not passes[-1].reached:  # the pass just finished
+            if passes[-1].hooks:
+                waiting.append(passes[-1])
+            else:
+                passes.pop()  # nothing in it can be reached by a backward pass (no output needed grad)
+        if len(waiting) >= self.MAX_PENDING_PASSES:
             self._waiting = waiting = [p for p in waiting if not p.reached]
-            if len(waiting) > self.MAX_PENDING_PASSES:
-                dropped = waiting[:len(waiting) - self.MAX_PENDING_PASSES]
-                del waiting[:len(dropped)]
-                for p in dropped:
-                    p.drop()
-                dropped = set(map(id, dropped))
-                self._passes = [p for p in self._passes if id(p) not in dropped]
+            if len(waiting) >= self.MAX_PENDING_PASSES:
+                evicted = waiting[:len(waiting) - self.MAX_PENDING_PASSES + 1]
+                del waiting[:len(evicted)]
+                for p in evicted:
+                    p.evict()
+                gone = set(map(id, evicted))
+                self._passes = [p for p in passes if id(p) not in gone]
+                if len(self._evicted) > 4 * self.MAX_PENDING_PASSES:  # their tensors die with the evaluation outputs
+                    self._evicted = [p for p in self._evicted if p.alive()]
+                self._evicted += evicted
         st.cur = p = _Pass()
         self._passes.append(p)
         return p
@@ -419,11 +476,13 @@ class Collector:
         """Whether the root forward pass this thread's state says is running has in fact ended: its frame is not on
         the stack above ``frame`` (PyTorch's ``always_call`` forward hooks run after an ``Exception``, not after a
         ``KeyboardInterrupt`` or another ``BaseException``). Without a frame (under torch.compile) it cannot tell."""
-        root = st.frame
-        if root is None:
-            return False
+        return st.frame is not None and Collector._stale_frame(st.frame, frame)
+
+    @staticmethod
+    def _stale_frame(target, frame) -> bool:
+        """Whether ``target`` is not on the stack from ``frame`` up (its call has ended)."""
         while frame is not None:
-            if frame is root:
+            if frame is target:
                 return False
             frame = frame.f_back
         return True
@@ -442,7 +501,7 @@ class Collector:
         st = self._fwd
         if st.mode is not None:
             mode, st.mode = st.mode, None
-            mode.__exit__(None, None, None)
+            _torch.leave_function_mode(mode)
         st.stack = []
         st.depth = 0
         st.checked = None
@@ -450,8 +509,26 @@ class Collector:
 
     def _enter_module(self, name: str, module, args):
         st = self._fwd
-        if st.mode is not None and self._live():  # the stack only names functional calls
+        if st.depth == 0:
+            self._enter_rootless(module)
+        elif st.mode is not None and self._live():  # the stack only names functional calls
             st.stack.append(name)
+
+    def _enter_rootless(self, module) -> None:
+        """A submodule called while the root is not running (``self.encoder(x)`` in a Lightning ``training_step``):
+        its outermost call starts a forward pass, as the root's would, so call sites do not multiply per call."""
+        if self._inert(module) or not self._live() or _is_compiling():
+            return
+        st = self._fwd
+        caller = sys._getframe(2)  # the frame that runs this module's hooks and forward
+        outer = st.sub_frame
+        if outer is not None and not self._stale_frame(outer, caller.f_back):
+            return  # inside the outermost call
+        st.sub_frame = caller
+        st.calls.clear()
+        st.checked = None
+        if torch.is_grad_enabled():
+            self._open_pass(st)
 
     def _next_site(self, base: str) -> str:
         calls = self._fwd.calls
@@ -462,16 +539,19 @@ class Collector:
     def _on_forward(self, name: str, module, args, output):
         # the hot path of every module call on a collected step: _live() and _next_site() inlined
         if not (self.active and self.attached):
+            self._inert(module)
             return
-        if _graph_task_id() != -1:
-            # a forward re-run by activation checkpointing. A module never recorded before ran its first forward
-            # without autograd: torch.utils.checkpoint(..., use_reentrant=True). Its outputs get no tensor hooks.
-            if name not in self._recorded and torch.is_grad_enabled():
+        if not _is_compiling() and _graph_task_id() != -1:
+            # a forward re-run by activation checkpointing. A module whose output got no tensor hook this step ran
+            # its forward without autograd: torch.utils.checkpoint(..., use_reentrant=True). It gets none now either.
+            if name not in self._step_modules and torch.is_grad_enabled():
                 self.unmonitored.add(name)
             return
         st = self._fwd
         if st.stack and st.stack[-1] == name:
             st.stack.pop()
+        elif st.depth == 0 and st.sub_frame is not None and sys._getframe(1) is st.sub_frame:
+            st.sub_frame = None  # the outermost call of a submodule (see _enter_rootless) ends: drop its frame
         call = st.calls.get(name, 0) + 1
         st.calls[name] = call
         site = name if call == 1 else site_name(name, call)
@@ -512,7 +592,6 @@ class Collector:
             return
         if site not in self.order:
             self.order[site] = name
-            self._recorded.add(name)
         if check is None and kind not in ("relu", "sigmoid", "tanh"):
             floats = [t.detach().sum(dtype=torch.float32) for t in tensors if t.is_floating_point()]
             check = floats[0] if len(floats) == 1 else torch.stack(floats).sum() if floats else None
@@ -520,6 +599,8 @@ class Collector:
             cur.output_parts.append((site, check))
             self._set_checked(output)
         cur.hooked.add(site)
+        cur.hooks = True
+        self._step_modules.add(name)
         hook = partial(self._on_grad, site, cur)
         for t in tensors:
             target = t if t._base is None else _hook_target(t, args)
@@ -529,7 +610,8 @@ class Collector:
         # outputs that need no grad (masks, metrics) take no part in learning; a stale state: a mode left entered by
         # a forward pass a KeyboardInterrupt cut short, seeing the user's own calls
         st = self._fwd
-        if not self._live() or not out.requires_grad or st.depth == 0 or self._stale(st, sys._getframe(1)):
+        if not self._live() or not out.requires_grad or st.depth == 0 or (
+                st.frame is not None and self._stale(st, sys._getframe(1))):
             return
         owner = st.stack[-1] if st.stack else self._root
         if self.module_kinds.get(owner) in ("relu", "sigmoid", "tanh"):
@@ -538,7 +620,6 @@ class Collector:
         site = self._next_site(f"{owner}:{kind}")
         if site not in self.order:
             self.order[site] = owner
-            self._recorded.add(owner)
         self.functional_sites[site] = kind
         with _no_function_mode():
             check = self._observe(cur, site, kind, out, self._needs_check((inp,), out is inp))
@@ -560,7 +641,7 @@ class Collector:
         return check
 
     def _recurrent_input(self, name: str, module, args, kwargs):
-        if not self._live() or not torch.is_grad_enabled():
+        if self._inert(module) or not self._live() or not torch.is_grad_enabled():
             return None
         keyword = not args
         x = kwargs.get("input") if keyword else args[0]
@@ -572,7 +653,10 @@ class Collector:
         with _no_function_mode():
             x2 = x.view_as(x) if x.requires_grad else x.detach().requires_grad_()
         batch_dim = None if x.ndim == 2 else (0 if getattr(module, "batch_first", False) else 1)
-        self._tensor_handles.append(x2.register_hook(partial(self._on_time_grad, site, batch_dim)))
+        st = self._fwd
+        cur = st.cur or self._open_pass(st)
+        cur.hooks = True
+        cur.handles.append(x2.register_hook(partial(self._on_time_grad, site, batch_dim)))
         if keyword:
             return args, {**kwargs, "input": x2}
         return (x2,) + tuple(args[1:]), kwargs
@@ -596,6 +680,7 @@ class Collector:
         """Make the forward-side buffers those of this step's forward passes that a backward pass reached, in order
         (a pass no backward pass reached is an evaluation or a generation, not a training batch)."""
         reached = [p for p in self._passes if p.reached]
+        self.evicted_reached += sum(p.reached for p in self._evicted)
         self.output_parts = [x for p in reached for x in p.output_parts]
         self.dead_parts = [x for p in reached for x in p.dead_parts]
         self.saturation_parts = [x for p in reached for x in p.saturation_parts]
@@ -612,13 +697,11 @@ class Collector:
         self._leave_forward()  # steps close outside forward passes: a mode still entered was left by an interrupt
         self._fwd.calls.clear()
         self._fwd.cur = None
-        for p in self._passes:
-            p.drop()
-        self._passes = []
-        self._waiting = []
-        for h in self._tensor_handles:
-            h.remove()
-        self._tensor_handles.clear()
+        self._fwd.sub_frame = None
+        for p in self._passes + self._evicted:
+            p.release()
+        self._passes, self._waiting, self._evicted = [], [], []
+        self._step_modules = set()
 
     def remove(self) -> None:
         """Remove every hook this collector added. Idempotent."""

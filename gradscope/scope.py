@@ -516,6 +516,20 @@ class Scope(Run):
             raise TypeError(f"loss must be a scalar tensor or a number, got {type(loss).__name__}")
         self._loss = value if self._loss is None else self._loss + value
 
+    def discard(self) -> None:
+        """Forget what was collected since the last step: the forward passes, backprop signals and loss of a batch
+        you skip (a backward pass that ran out of memory, a ``KeyboardInterrupt`` in backward), so they do not count
+        into the next step. The gradients are yours: zero them as you would. The next ``step()`` needs a new backward
+        pass."""
+        c = self._collector
+        c.reset()
+        c.mark_grads()
+        self._loss = None
+
+    def __reduce__(self):
+        raise TypeError("a gradscope Scope cannot be pickled (it holds hooks on a live model): save its records with "
+                        "scope.save(path) and read them with gradscope.load(path); a watched model itself pickles")
+
     def named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         """The tracked parameters ``(qualified name, parameter)``: trainable ones, each once, in module order."""
         return [(name, p) for name, _, p in self._params]
@@ -638,7 +652,10 @@ class Scope(Run):
         c = self._collector
         step = self._num_steps
         if c.active:
-            if self._params_moved():
+            if c.tree_changed():  # model.head = nn.Linear(...): hooks on the new modules, statistics of its params
+                c.rebuild()
+                self._follow_params()
+            elif self._params_moved():
                 self._follow_params()
             try:
                 self._update_layers()
@@ -760,7 +777,15 @@ class Scope(Run):
         c = self._collector
         c.gather()
         self._note_unmonitored()
-        have = [(i, p.grad) for i, (_, _, p) in enumerate(self._params) if p.grad is not None]
+        if c.evicted_reached and self.meta.get("uncounted_passes") != c.evicted_reached:
+            if "uncounted_passes" not in self.meta:
+                warnings.warn(f"gradscope: a backward pass reached forward passes that had waited beyond the "
+                              f"{c.MAX_PENDING_PASSES} kept for one (gradscope.collect.Collector.MAX_PENDING_PASSES): "
+                              "their activation statistics (dead units, saturation) are not counted; their gradient "
+                              "statistics and backprop signals are. meta['uncounted_passes'] counts them.",
+                              RuntimeWarning, stacklevel=5)
+            self.meta["uncounted_passes"] = c.evicted_reached
+        have = [(i, p.grad) for i, (_, _, p) in enumerate(self._params) if c.grad_changed(i)]
         grads = [g for _, g in have]
         weights = [self._params[i][2] for i, _ in have]
         scale_t = _torch.scale_tensor(scaler) if scale_t is None else scale_t

@@ -487,3 +487,229 @@ def test_a_full_disk_stops_the_stream_not_the_training(tmp_path):
     scope.detach()
     with pytest.warns(RuntimeWarning, match="cut short"):
         assert gradscope.load(tmp_path / "run.jsonl", partial=True).history.steps == [0]
+
+
+# -- second round of attacks on the above ----------------------------------------------------------------------------
+def relu_net():
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def test_an_interrupted_forward_never_switches_off_the_users_own_mode():
+    model = nn.Sequential(nn.Linear(4, 8), Interruptible2(), nn.Linear(8, 2))
+    scope = gradscope.watch(model)
+    x = torch.randn(3, 4)
+    model(x).sum().backward()
+    scope.step()
+    model[1].interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    model[1].interrupt = False
+    with torch.device("meta"):  # a TorchFunctionMode of the user's, entered above gradscope's stale one
+        model(x)
+        assert torch.empty(2).device.type == "meta"  # used to be cpu: gradscope popped the user's mode
+    assert torch.empty(2).device.type == "cpu" and torch.overrides._get_current_function_mode_stack() == []
+    scope.detach()
+
+
+class Interruptible2(nn.Module):
+    interrupt = False
+
+    def forward(self, x):
+        x = F.relu(x)  # a functional call: the forward runs inside gradscope's function mode
+        if self.interrupt:
+            raise KeyboardInterrupt
+        return x
+
+
+def test_no_grad_forwards_take_no_waiting_slot():
+    model = relu_net()
+    scope = gradscope.watch(model)
+    loss = model(torch.randn(8, 4)).sum()
+    with torch.no_grad():
+        for _ in range(70):
+            model(torch.randn(8, 4))
+    loss.backward()
+    scope.step()
+    assert scope._collector.dead["1"].seen == 8 and "backprop_signal" in scope.latest()["0"]
+    scope.detach()
+
+
+def test_passes_beyond_the_waiting_cap_keep_their_signal_and_are_said(tmp_path):
+    def run(one_backward):
+        torch.manual_seed(0)
+        model = relu_net()
+        scope = gradscope.watch(model)
+        x = torch.randn(8, 4)
+        if one_backward:
+            sum(model(x).sum() for _ in range(100)).backward()
+        else:
+            for _ in range(100):
+                model(x).sum().backward()
+        scope.step()
+        scope.detach()
+        return scope
+
+    each, once = run(False), run(True)
+    cap = gradscope.collect.Collector.MAX_PENDING_PASSES
+    with pytest.warns(RuntimeWarning, match="beyond the 64 kept for one"):
+        once = run(True)
+    assert once.latest()["0"]["backprop_signal"] == pytest.approx(each.latest()["0"]["backprop_signal"], rel=1e-5)
+    assert once.latest()["0"]["grad_norm"] == pytest.approx(each.latest()["0"]["grad_norm"], rel=1e-5)
+    assert once._collector.dead["1"].seen == cap * 8 and each._collector.dead["1"].seen == 100 * 8
+    assert once.meta["uncounted_passes"] == 100 - cap
+
+
+def test_discard_forgets_a_batch_whose_backward_failed():
+    def run(fail_first):
+        torch.manual_seed(0)
+        model = relu_net()
+        scope = gradscope.watch(model)
+        x = torch.randn(8, 4)
+        if fail_first:
+            def out_of_memory(grad):
+                raise RuntimeError("out of memory (a real backward that fails part-way)")
+
+            hook = model[0].register_forward_hook(lambda mod, args, out: out.register_hook(out_of_memory) and None)
+            try:
+                model(x).sum().backward()
+            except RuntimeError:
+                model.zero_grad()
+                scope.discard()  # the documented way to skip a batch
+            hook.remove()
+        model(x).sum().backward()
+        scope.step()
+        scope.detach()
+        return scope
+
+    clean, skipped = run(False), run(True)
+    assert skipped.history[-1].layers == clean.history[-1].layers
+
+
+class Composite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(4, 16), nn.ReLU())
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+def test_a_model_trained_through_its_submodules_keeps_one_site_per_module():
+    model = Composite()  # a Lightning training_step calling self.encoder(x), never self(x)
+    scope = gradscope.watch(model)
+    for _ in range(2):
+        for _ in range(4):  # gradient accumulation over four micro-batches
+            model.head(model.encoder(torch.randn(8, 4))).sum().backward()
+        scope.step()
+        model.zero_grad()
+    assert scope.layer_names == ["encoder.0", "encoder.1", "encoder", "head"]  # used to grow by four per step
+    assert scope._collector.dead["encoder.1"].seen == 2 * 4 * 8
+    scope.detach()
+
+
+def test_a_replaced_submodule_is_followed_and_never_reported_from_stale_gradients():
+    from conftest import hook_entries
+
+    model = Composite()
+    scope = gradscope.watch(model)
+    x = torch.randn(8, 4)
+    model(x).sum().backward()
+    scope.step()
+    old = model.head
+    model.head = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    for _ in range(2):
+        model.zero_grad()
+        model(x).sum().backward()
+        scope.step()
+    latest = scope.latest(per="param")
+    for name, p in model.named_parameters():
+        assert latest[name]["grad_norm"] == pytest.approx(exact_norm(p.grad), rel=1e-6), name
+    assert "head" not in latest and "head.1" in scope.latest()  # the new head's ReLU is hooked: dead units
+    assert hook_entries(old) == []  # the old one is not
+    scope.detach()
+    assert hook_entries(model) == []
+
+
+def test_a_gradient_no_backward_pass_touched_is_left_out():
+    model = Composite()
+    scope = gradscope.watch(model)
+    model(torch.randn(8, 4)).sum().backward()
+    scope.step()
+    model.encoder(torch.randn(8, 4)).sum().backward()  # the head takes no part: its .grad is last step's
+    scope.step()
+    assert "head" not in scope.latest() and "head.weight" not in scope.latest(per="param")
+    scope.detach()
+
+
+def test_recurrent_evaluation_forwards_hold_bounded_memory():
+    class Rec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 1)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0])
+
+    model = Rec()
+    scope = gradscope.watch(model)
+    x = torch.randn(4, 5, 8)
+    model(x).sum().backward()
+    scope.step()
+    for _ in range(2000):
+        model(x)
+    c = scope._collector
+    handles = sum(len(p.handles) for p in c._passes + c._evicted)
+    per_pass = len(c._passes[-1].handles)  # the LSTM's out, h and c, the head's output, the LSTM's input
+    assert per_pass == 5 and handles <= 6 * c.MAX_PENDING_PASSES * per_pass < 2000 * per_pass  # bounded, not per forward
+    scope.detach()
+
+
+def test_copies_of_a_watched_submodule_drop_their_inert_hooks():
+    import copy
+    import pickle
+
+    from conftest import hook_entries
+
+    model = nn.Sequential(nn.Linear(4, 16), nn.Sequential(nn.Linear(16, 16), nn.ReLU()), nn.Linear(16, 1))
+    scope = gradscope.watch(model)
+    for block in (copy.deepcopy(model[1]), pickle.loads(pickle.dumps(model[1]))):
+        block(torch.randn(2, 16))
+        assert hook_entries(block) == []
+    assert hook_entries(model) != []  # the watched model keeps its own
+    scope.detach()
+
+
+def test_reentrant_checkpointing_turned_on_mid_run_is_said():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.blk, self.b = nn.Linear(4, 16), nn.Sequential(nn.Linear(16, 16), nn.ReLU()), nn.Linear(16, 1)
+            self.ckpt = False
+
+        def forward(self, x):
+            from torch.utils.checkpoint import checkpoint
+
+            h = self.a(x)
+            return self.b(checkpoint(self.blk, h, use_reentrant=True) if self.ckpt else self.blk(h))
+
+    model = Net()
+    scope = gradscope.watch(model)
+    model(torch.randn(8, 4)).sum().backward()
+    scope.step()
+    model.ckpt = True
+    model.zero_grad()
+    with pytest.warns(RuntimeWarning, match=r"\['blk', 'blk.0', 'blk.1'\] run only inside"):
+        model(torch.randn(8, 4)).sum().backward()
+        scope.step()
+    assert scope.meta["unmonitored"] == ["blk", "blk.0", "blk.1"]
+    scope.detach()
+
+
+def test_a_scope_says_how_to_keep_its_records_instead_of_pickling():
+    import pickle
+
+    scope = gradscope.watch(relu_net())
+    with pytest.raises(TypeError, match=r"scope.save\(path\)"):
+        pickle.dumps(scope)
+    scope.detach()
