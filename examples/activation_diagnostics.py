@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscope
-from gradscope.data import find_cifar10_folder, load_cifar10_subset
-from gradscope.models import deep_mlp
+from gradscope.bench.data import find_cifar10_folder, load_cifar10_subset
+from gradscope.bench.models import deep_mlp
 
 
 def load(args, n):

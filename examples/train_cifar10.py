@@ -4,7 +4,7 @@
     python examples/train_cifar10.py --model rnn-pixels --steps 50 --lr 1e-3
     torchrun --nproc_per_node=2 examples/train_cifar10.py --model resnet20   # DDP: gloo on CPU, NCCL on CUDA
 
-The full comparison runner is `gradscope compare` (python -m gradscope.compare); this is the same loop, unadorned.
+The full comparison runner is `gradscope compare` (python -m gradscope.bench.compare); this is the same loop, unadorned.
 """
 
 import argparse
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import gradscope
-from gradscope.data import Batches, load_cifar10
-from gradscope.models import build_model
+from gradscope.bench.data import Batches, load_cifar10
+from gradscope.bench.models import build_model
 
 
 def main(argv=None):

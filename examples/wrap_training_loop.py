@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import gradscope
-from gradscope.data import find_cifar10_folder, load_cifar10_subset
-from gradscope.models import ACTIVATIONS, INITS, deep_mlp
+from gradscope.bench.data import find_cifar10_folder, load_cifar10_subset
+from gradscope.bench.models import ACTIVATIONS, INITS, deep_mlp
 
 
 def main(argv=None):

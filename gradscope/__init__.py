@@ -17,7 +17,7 @@ from .audit import AuditReport, audit
 from .detectors import DeadUnits, Exploding, Nonfinite, Saturation, ThroughTime, Vanishing, default_detectors
 from .record import History, Run, StepRecord, load
 from .scope import EXTRA_STATS, Scope, watch
-from .tensorboard import TensorBoardLogger
+from .integrations.tensorboard import TensorBoardLogger
 
 __version__ = "0.1.0"
 

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
         from . import report
 
         return report.main(argv[1:])
-    from . import compare
+    from .bench import compare
 
     return compare.main(argv[1:])
 

@@ -537,7 +537,7 @@ class Scope(Run):
     def add_listener(self, listener) -> None:
         """Call ``listener(scope, record, new_alerts)`` after every collected step (after the detectors ran, before a
         ``raise_on`` alert is raised), while ``.grad`` still holds that step's gradients. Loggers such as
-        :class:`gradscope.tensorboard.TensorBoardLogger` use it."""
+        :class:`gradscope.integrations.tensorboard.TensorBoardLogger` use it."""
         if not callable(listener):
             raise TypeError(f"a listener must be callable as listener(scope, record, new_alerts), got {listener!r}")
         self._listeners.append(listener)

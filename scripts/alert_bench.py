@@ -55,9 +55,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscope
-from gradscope.data import find_cifar10_folder, load_cifar10_subset
+from gradscope.bench.data import find_cifar10_folder, load_cifar10_subset
 from gradscope.detectors import global_grad_norm, layer_grad_norms
-from gradscope.models import SequenceClassifier, cifar_resnet, deep_mlp
+from gradscope.bench.models import SequenceClassifier, cifar_resnet, deep_mlp
 
 # ----------------------------------------------------------------------------------------------------------------------
 # data

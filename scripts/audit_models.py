@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 import gradscope
 from gradscope.detectors import output_side_reference, signal_profile
-from gradscope.data import find_cifar10_folder, load_cifar10_subset
-from gradscope.models import deep_mlp
+from gradscope.bench.data import find_cifar10_folder, load_cifar10_subset
+from gradscope.bench.models import deep_mlp
 
 
 def models(depth: int):

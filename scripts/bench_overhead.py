@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import gradscope
-from gradscope.models import build_model, deep_mlp
+from gradscope.bench.models import build_model, deep_mlp
 
 MODELS = {  # name: (builder, batch size, input shape)
     "resnet18": (lambda: __import__("torchvision").models.resnet18(num_classes=10), 64, (3, 32, 32)),

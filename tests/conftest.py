@@ -7,8 +7,8 @@ from torch import nn
 
 import gradscope
 
-from gradscope.data import find_cifar10_folder, load_cifar10_subset
-from gradscope.models import deep_mlp
+from gradscope.bench.data import find_cifar10_folder, load_cifar10_subset
+from gradscope.bench.models import deep_mlp
 
 
 @pytest.fixture(autouse=True)

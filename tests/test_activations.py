@@ -10,7 +10,7 @@ from torch import nn
 
 import gradscope
 from conftest import rel_close
-from gradscope.models import deep_mlp
+from gradscope.bench.models import deep_mlp
 
 N_UNITS, DEAD = 16, [2, 5, 11]
 

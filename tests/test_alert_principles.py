@@ -17,7 +17,7 @@ from torch import nn
 import gradscope
 import gradscope.alerts
 from gradscope.detectors import Context, Exploding, output_side_reference
-from gradscope.models import cifar_resnet, deep_mlp
+from gradscope.bench.models import cifar_resnet, deep_mlp
 from gradscope.record import StepRecord, signal_profile
 from gradscope.scope import has_norm, has_residual
 

@@ -6,7 +6,7 @@ import torchvision
 
 import gradscope
 from conftest import hook_entries
-from gradscope.models import deep_mlp
+from gradscope.bench.models import deep_mlp
 
 
 def test_audit_reports_the_depth_profile_and_leaves_the_model_untouched():

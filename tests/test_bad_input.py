@@ -6,7 +6,7 @@ from torch import nn
 
 import gradscope
 from conftest import hook_entries
-from gradscope.models import deep_mlp
+from gradscope.bench.models import deep_mlp
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import gradscope
-from gradscope.models import deep_mlp
+from gradscope.bench.models import deep_mlp
 
 
 def train_on_cifar(model, data, steps=30, batch=128, lr=0.05):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradscope import compare
-from gradscope.data import CLASSES, SYNTHETIC, Batches, load_cifar10, read_image_folder
-from gradscope.models import SequenceClassifier, build_model, cifar_resnet
+from gradscope.bench import compare
+from gradscope.bench.data import CLASSES, SYNTHETIC, Batches, load_cifar10, read_image_folder
+from gradscope.bench.models import SequenceClassifier, build_model, cifar_resnet
 
 
 def n_params(model):

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import gradscope
-from gradscope.models import build_model
+from gradscope.bench.models import build_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -13,7 +13,7 @@ from torch import nn
 import gradscope
 from conftest import train_watched
 from gradscope.alerts import Alert, AlertBook
-from gradscope.models import deep_mlp
+from gradscope.bench.models import deep_mlp
 
 
 def train(model, steps, batch=lambda: (torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))), lr=0.01, **kw):

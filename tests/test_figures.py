@@ -12,8 +12,9 @@ matplotlib.use("Agg")
 
 import gradscope  # noqa: E402
 from conftest import train_watched  # noqa: E402
-from gradscope import compare, figures, report  # noqa: E402
-from gradscope.models import SequenceClassifier, deep_mlp  # noqa: E402
+from gradscope import figures, report  # noqa: E402
+from gradscope.bench import compare  # noqa: E402
+from gradscope.bench.models import SequenceClassifier, deep_mlp  # noqa: E402
 
 
 class Mixed(nn.Module):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import gradscope
-from gradscope.models import deep_mlp
+from gradscope.bench.models import deep_mlp
 from gradscope.record import History, StepRecord
 
 

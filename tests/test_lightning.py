@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 import gradscope  # noqa: E402
 from conftest import hook_entries, rel_close  # noqa: E402
-from gradscope.lightning import GradscopeCallback  # noqa: E402
+from gradscope.integrations.lightning import GradscopeCallback  # noqa: E402
 
 
 class Classifier(pl.LightningModule):

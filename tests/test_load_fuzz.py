@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscope
-from gradscope.models import deep_mlp
+from gradscope.bench.models import deep_mlp
 
 SEED = 12
 CASES = 3000

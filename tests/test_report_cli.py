@@ -13,9 +13,10 @@ from torch import nn
 matplotlib.use("Agg")
 
 import gradscope  # noqa: E402
-from gradscope import cli, compare, figures, report  # noqa: E402
-from gradscope.data import ENV_VAR, load_cifar10  # noqa: E402
-from gradscope.models import deep_mlp  # noqa: E402
+from gradscope import cli, figures, report  # noqa: E402
+from gradscope.bench import compare  # noqa: E402
+from gradscope.bench.data import ENV_VAR, load_cifar10  # noqa: E402
+from gradscope.bench.models import deep_mlp  # noqa: E402
 
 
 def embedded(page: str) -> list[str]:

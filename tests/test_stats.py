@@ -10,7 +10,7 @@ from torch import nn
 
 import gradscope
 import gradscope.stats
-from gradscope.models import deep_mlp
+from gradscope.bench.models import deep_mlp
 from conftest import hook_entries, rel_close
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("tensorboard", reason="the TensorBoard logger needs the tens
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from gradscope.tensorboard import TensorBoardLogger  # noqa: E402
+from gradscope.integrations.tensorboard import TensorBoardLogger  # noqa: E402
 
 
 def read(log_dir):

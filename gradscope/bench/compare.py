@@ -1,6 +1,6 @@
 """``gradscope compare``: train several architectures on CIFAR-10 with gradscope attached, side by side.
 
-    gradscope compare --preset quick                 # or: python -m gradscope.compare --preset quick
+    gradscope compare --preset quick                 # or: python -m gradscope.bench.compare --preset quick
     gradscope compare --models mlp20-sigmoid-default resnet20 --steps 500 --device cuda
 
 Each model's run writes ``OUT/<timestamp>-<name>/<model>/``: ``config.json``, ``gradscope.jsonl`` (the scope's log),
@@ -28,7 +28,7 @@ import gradscope
 
 from .data import ENV_VAR, Batches, batches_of, check_image_folder, load_cifar10
 from .models import build_model, family
-from .report import out_dir_problem
+from ..report import out_dir_problem
 
 _ACT = [("sigmoid", "xavier"), ("tanh", "xavier"), ("relu", "kaiming")]
 PRESETS = {
@@ -268,8 +268,8 @@ def run(cfg: Config) -> tuple[Path, list[dict]]:
         writer.writerows(rows)
     print("\n" + header + "\n" + table + f"\n\nwritten to {out}/")
     try:  # figures and report.html when matplotlib is there (gradscope[plot] / [examples])
-        from .record import load
-        from .report import write_report
+        from ..record import load
+        from ..report import write_report
 
         page = write_report([(name, load(out / name / "gradscope.jsonl")) for name in cfg.models], out / "figures")
         print(f"figures and report: {page}")
@@ -356,7 +356,9 @@ def config_from_args(argv=None) -> Config:
 
 def main(argv=None) -> int:
     cfg = config_from_args(argv)
-    logging.getLogger("gradscope").setLevel(logging.ERROR)  # the table shows the alerts; warnings would drown the bars
+    log = logging.getLogger("gradscope")
+    level = log.level
+    log.setLevel(logging.ERROR)  # the table shows the alerts; warnings would drown the bars (restored on return)
     try:
         run(cfg)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -365,6 +367,7 @@ def main(argv=None) -> int:
         print(f"gradscope compare: error: {e}", file=sys.stderr)
         return 1
     finally:
+        log.setLevel(level)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0

@@ -26,7 +26,12 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 ENV_VAR = "GRADSCOPE_CIFAR10_DIR"
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared/data/cifar10-jpg"
+
+def shared_folder() -> Path:
+    """``../shared/data/cifar10-jpg`` beside the working directory: where this project's machines keep a copy (run
+    from the repository root). The package itself never knows where a repository lives."""
+    return Path.cwd().parent / "shared/data/cifar10-jpg"
+
 SYNTHETIC = "SYNTHETIC random images (no CIFAR-10 found)"
 FOLDER_LAYOUT = "train/<class>/ and test/<class>/ for the 10 CIFAR-10 classes (airplane, automobile, ..., truck)"
 
@@ -57,7 +62,7 @@ def check_image_folder(path, what: str = "--data-dir") -> Path:
 
 def find_cifar10_folder(data_dir: str | os.PathLike | None = None) -> Path | None:
     """The image-folder copy to use: ``data_dir``, else ``$GRADSCOPE_CIFAR10_DIR``, else ``../shared/data/cifar10-jpg``
-    beside the repository (or the working directory). None if none of them holds ``train/<class>/`` and
+    beside the working directory. None if none of them holds ``train/<class>/`` and
     ``test/<class>/`` for every class.
 
     Raises:
@@ -65,7 +70,7 @@ def find_cifar10_folder(data_dir: str | os.PathLike | None = None) -> Path | Non
     """
     if data_dir is not None:
         return check_image_folder(data_dir)
-    for c in (os.environ.get(ENV_VAR), SHARED, Path.cwd().parent / "shared/data/cifar10-jpg"):
+    for c in (os.environ.get(ENV_VAR), shared_folder()):
         if _is_image_folder(c):
             return Path(c)
     return None
@@ -153,8 +158,8 @@ def load_cifar10(data_dir=None, cache_dir=None, download: bool = True, train_sub
         return _from_folder(folder, train_subset, test_subset, seed)
     if search and (cache / "cifar-10-batches-py").is_dir():
         return _from_torchvision(cache, False, train_subset, test_subset, seed)
-    if search and _is_image_folder(SHARED):
-        return _from_folder(SHARED, train_subset, test_subset, seed)
+    if search and _is_image_folder(shared_folder()):
+        return _from_folder(shared_folder(), train_subset, test_subset, seed)
     if download:
         try:
             return _from_torchvision(cache, True, train_subset, test_subset, seed)

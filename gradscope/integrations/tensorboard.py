@@ -1,7 +1,7 @@
 """TensorBoard: a scope's per-layer statistics, alerts and (optionally) gradient histograms, on collected steps.
 
     scope = gradscope.watch(model)
-    tb = gradscope.tensorboard.TensorBoardLogger(scope, log_dir="runs/exp1")   # or writer=your SummaryWriter
+    tb = gradscope.integrations.tensorboard.TensorBoardLogger(scope, log_dir="runs/exp1")   # or writer=your SummaryWriter
     ...  # train as usual: every collected step is written
     tb.close()
 
@@ -16,7 +16,7 @@ Needs the ``tensorboard`` package (``pip install tensorboard`` or ``pip install 
 
 from __future__ import annotations
 
-from .record import StepRecord, _finite, layer_scalars
+from ..record import StepRecord, _finite, layer_scalars
 
 DEFAULT_STATS = ("grad_norm", "grad_rms", "backprop_signal", "dead_fraction", "saturation", "through_time_ratio",
                  "update_ratio", "grad_max", "grad_zero_frac", "weight_norm")

@@ -1,6 +1,6 @@
 """Lightning: a ``lightning.pytorch.Callback`` that watches the LightningModule for the whole ``fit``.
 
-    from gradscope.lightning import GradscopeCallback
+    from gradscope.integrations.lightning import GradscopeCallback
     trainer = Trainer(callbacks=[GradscopeCallback(every=10)])
 
 It attaches when fit starts, closes each step in ``on_before_optimizer_step`` (after the backward passes of all
@@ -17,11 +17,11 @@ import torch
 try:
     from lightning.pytorch import Callback
 except ImportError as e:  # pragma: no cover - exercised only without lightning
-    raise ImportError("gradscope.lightning needs Lightning: pip install lightning") from e
+    raise ImportError("gradscope.integrations.lightning needs Lightning: pip install lightning") from e
 
-from .record import _finite, layer_scalars
-from . import _torch
-from .scope import watch
+from ..record import _finite, layer_scalars
+from .. import _torch
+from ..scope import watch
 
 DEFAULT_LOG_STATS = ("grad_norm", "backprop_signal", "dead_fraction", "saturation")
 
