@@ -16,7 +16,8 @@ from .alerts import Alert, GradientError
 from .audit import AuditReport, audit
 from .detectors import DeadUnits, Exploding, Nonfinite, Saturation, ThroughTime, Vanishing, default_detectors
 from .record import History, Run, StepRecord, load
-from .scope import EXTRA_STATS, Scope, watch
+from .options import EXTRA_STATS
+from .scope import Scope, watch
 from .integrations.tensorboard import TensorBoardLogger
 
 __version__ = "0.1.0"

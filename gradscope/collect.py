@@ -30,6 +30,7 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -77,6 +78,28 @@ def _hook_target(t: Tensor, args) -> Tensor:
     if any(base is a or base is a._base for a in _all_tensors(args)):
         return t
     return base
+
+
+@dataclass
+class StepBuffers:
+    """One step's collected parts, what the record builder reads (see :meth:`Collector.gather`). Lists of
+    ``(site, device tensors...)`` in the order the hooks ran:
+
+    signal_parts: ``(site, squared norm of dLoss/d(output))``, one per output per backward pass.
+    output_parts: ``(site, sum of the forward output)``: non-finite iff the output had NaN/Inf (barring overflow).
+    dead_parts: ``(site, fired counts, samples)`` of ReLU sites; saturation_parts: ``(site, saturated count, output
+        sum, numel)`` of sigmoid/tanh sites.
+    hooked: call sites whose outputs got a tensor hook: one with no signal part produced an output no backward pass
+        reached (its signal is exactly zero).
+    through_time: ``{recurrent site: per-step gradient-norm profile}``.
+    """
+
+    signal_parts: list = field(default_factory=list)
+    output_parts: list = field(default_factory=list)
+    dead_parts: list = field(default_factory=list)
+    saturation_parts: list = field(default_factory=list)
+    hooked: set = field(default_factory=set)
+    through_time: dict = field(default_factory=dict)
 
 
 class _Pass:
@@ -167,18 +190,11 @@ def _inert_collector() -> "Collector":
 
 
 class Collector:
-    """Owns every hook it adds to a model and the per-step buffers the hooks fill.
+    """Owns every hook it adds to a model and the per-step buffers the hooks fill (see :class:`StepBuffers`).
 
-    Buffers (lists of ``(site, device tensors...)`` in the order the hooks ran, reset by :meth:`reset`):
-        signal_parts: ``(site, squared norm of dLoss/d(output))``, one per output per backward pass. A site in
-            ``hooked`` with no part produced an output that no backward pass reached: its signal is exactly zero.
-        output_parts: ``(site, sum of the forward output)``: non-finite iff the output had NaN/Inf (barring overflow).
-        dead_parts: ``(site, fired counts, samples)`` of ReLU sites; saturation_parts: ``(site, saturated count,
-            output sum, numel)`` of sigmoid/tanh sites.
-        through_time: per-step profiles of recurrent sites.
-    The forward-side ones (output, dead and saturation parts, ``hooked``) are kept per forward pass (:class:`_Pass`)
-    and :meth:`gather` makes them those of the passes a backward pass reached.
-    Kept across steps: ``dead`` (the rolling dead-unit state of each ReLU site, updated at step close) and ``order``.
+    The backward side (``signal_parts``, ``through_time``) is kept per step, the forward side per forward pass
+    (:class:`_Pass`); :meth:`gather` hands the step's :class:`StepBuffers` to the record builder, :meth:`reset` drops
+    them. Kept across steps: ``dead`` (the rolling dead-unit state of each ReLU site, updated at step close) and ``order``.
     """
 
     MAX_PENDING_PASSES = 64
@@ -192,12 +208,8 @@ class Collector:
                  saturation_eps: float = 0.02, unit_dims: dict | None = None, functional: bool = True):
         self.active = False
         self.attached = True
-        self.signal_parts: list[tuple[str, Tensor]] = []
-        self.output_parts: list[tuple[str, Tensor]] = []
-        self.dead_parts: list[tuple[str, Tensor, int]] = []
-        self.saturation_parts: list[tuple[str, Tensor, Tensor, int]] = []
+        self.signal_parts: list[tuple[str, Tensor]] = []  # (site, squared norm of dLoss/d(output)), this step
         self.functional_forwards = 0  # forward passes watched for functional activations (see _watch_functional)
-        self.hooked: set[str] = set()  # call sites whose outputs got a tensor hook this step (see gather())
         self._passes: list[_Pass] = []  # this step's forward passes, in order
         self._waiting: list[_Pass] = []  # those no backward pass had reached when the last pass started
         self._evicted: list[_Pass] = []  # passes whose parts were dropped while they waited: their hooks stay
@@ -676,23 +688,22 @@ class Collector:
         self.signal_parts.append((site, sq_norm(grad)))
 
     # -- lifetime ----------------------------------------------------------------------------------------------------
-    def gather(self) -> None:
-        """Make the forward-side buffers those of this step's forward passes that a backward pass reached, in order
-        (a pass no backward pass reached is an evaluation or a generation, not a training batch)."""
+    def gather(self) -> StepBuffers:
+        """This step's buffers: the forward-side parts of the forward passes that a backward pass reached, in order
+        (a pass no backward pass reached is an evaluation or a generation, not a training batch), and the
+        backward-side parts."""
         reached = [p for p in self._passes if p.reached]
         self.evicted_reached += sum(p.reached for p in self._evicted)
-        self.output_parts = [x for p in reached for x in p.output_parts]
-        self.dead_parts = [x for p in reached for x in p.dead_parts]
-        self.saturation_parts = [x for p in reached for x in p.saturation_parts]
-        self.hooked = set().union(*(p.hooked for p in reached))
+        return StepBuffers(signal_parts=list(self.signal_parts),
+                           output_parts=[x for p in reached for x in p.output_parts],
+                           dead_parts=[x for p in reached for x in p.dead_parts],
+                           saturation_parts=[x for p in reached for x in p.saturation_parts],
+                           hooked=set().union(*(p.hooked for p in reached)),
+                           through_time={site: t.profile for site, t in self.through_time.items()})
 
     def reset(self) -> None:
         """Start a new step: drop buffers and the tensor hooks of tensors from the finished step."""
         self.signal_parts = []
-        self.output_parts = []
-        self.dead_parts = []
-        self.saturation_parts = []
-        self.hooked = set()
         self.through_time = {}
         self._leave_forward()  # steps close outside forward passes: a mode still entered was left by an interrupt
         self._fwd.calls.clear()

@@ -404,11 +404,42 @@ class Nonfinite:
     One alert per step, naming where the problem appears: the first module in forward order whose output is
     non-finite (the forward pass made it), else the layer closest to the loss with a non-finite gradient (the backward
     pass made it; everything on the input side of it is contaminated by propagation). No threshold: any NaN/Inf.
+
+    Under an AMP GradScaler a step whose gradients overflowed (``record.info["overflow"]``) is the scaler's to skip,
+    not an alert, unless it persists: ``overflow_patience`` overflowed collected steps in a row are one (the scaler's
+    default initial scale typically overflows a few times while it settles; ten halvings in a row, a scale 1000x
+    lower, is no longer settling). It is the one detector that sees overflowed steps (``sees_overflow``).
     """
 
+    overflow_patience: int = 10
     kind: str = field(default="nonfinite", init=False)
+    sees_overflow = True  # the scope runs only such detectors on a step the scaler skips
+    _streak: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self):
+        _check_positive("overflow_patience", self.overflow_patience, int)
 
     def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+        if record.info.get("overflow"):
+            return self._overflow(record, layers)
+        self._streak = 0
+        return self._locate(record, layers)
+
+    def _overflow(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+        self._streak += 1
+        if self._streak < self.overflow_patience:
+            return []
+        found = self._locate(record, layers)
+        return [Alert(
+            self.kind, found[0].layer if found else "", record.step, float(self._streak),
+            float(self.overflow_patience),
+            f"gradients overflowed under the AMP grad scaler on {self._streak} consecutive collected steps (scale now "
+            f"{record.info['grad_scale']:.3g}): not a transient overflow the scaler can absorb.",
+            "look for values that overflow float16 in the forward pass or the loss (use bfloat16, or compute the loss "
+            "in float32), lower the learning rate, check the inputs; torch.autograd.detect_anomaly() names the op.",
+            "overflow_streak")]
+
+    def _locate(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
         scaled = record.info.get("grad_scale", 1.0) != 1.0  # under a GradScaler, i.e. float16 mixed precision
         loss = record.info.get("loss")
         loss_bad = loss is not None and not math.isfinite(loss)

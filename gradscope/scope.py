@@ -1,11 +1,15 @@
-"""The Scope: attaches to a model, closes steps, keeps records and alerts. ``gradscope.watch`` creates one."""
+"""The Scope: attaches to a model, closes steps, keeps records and alerts. ``gradscope.watch`` creates one.
+
+It orchestrates: the hooks (:mod:`.collect`) fill a step's buffers; at step close they are reduced over ranks
+(:mod:`.distributed`), folded into a :class:`~gradscope.record.StepRecord`, judged by the detectors
+(:mod:`.detectors`), kept in the history and handed to the listeners. What it knows about the model comes from
+:mod:`.anatomy`, its arguments are checked in :mod:`.options`, PyTorch's private APIs are read in :mod:`._torch`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import re
 import warnings
 from array import array
 import weakref
@@ -15,123 +19,19 @@ import torch
 from torch import nn
 
 from . import _torch
-from .alerts import Alert, AlertBook
-from .collect import Collector
-from .detectors import ADAPTIVE, SATURATING, Context, Nonfinite, default_detectors
-from .record import FORMAT, FORMAT_VERSION, History, LogStream, Run, StepRecord
 from .activations import through_time_summary
-from .stats import Transfer, _wide, max_abs, nonfinite_counts, nonzero_counts, norms, sum_by_key
+from .alerts import Alert, AlertBook
+from .anatomy import activation_role, detector_context, trainable_params, unwrap
+from .anatomy import has_norm, has_residual  # noqa: F401  (gradscope.scope.has_norm: where they were first)
+from .collect import Collector
+from .distributed import rank, reduce_buffers, world_size
+from .options import check_options, check_scaler
+from .record import FORMAT, FORMAT_VERSION, History, LogStream, Run, StepRecord
+from .stats import Transfer, _wide, max_abs, nonfinite_counts, nonzero_counts, norms, saturation_sums, sum_by_key
 
 # Models currently watched, so a second watch() on the same model fails loudly instead of doubling every hook. Values
 # are weak too: a scope holds its model, so a strong value would keep a never-detached model alive forever.
 _WATCHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
-
-
-EXTRA_STATS = {
-    "grad_max": "max |g| per parameter and layer (one aminmax pass over every gradient: ~1% of a resnet18 CPU step)",
-    "grad_zero_frac": "fraction of exactly-zero gradient entries (one compare-and-sum pass: ~3% of a resnet18 CPU "
-                      "step, more on gradients with many zeros)",
-    "weight_norm": "L2 norm of every parameter (one pass over the weights: ~1% of a resnet18 CPU step)",
-}
-"""Statistics beyond the defaults, chosen with ``watch(..., extra_stats=...)``. No detector needs them: they are
-descriptive, and each is a full pass over every gradient or weight on each collected step, so they are opt-in."""
-
-
-def _iterable(x) -> bool:
-    try:
-        iter(x)
-    except TypeError:
-        return False
-    return True
-
-
-def _extra_stats(extra_stats) -> frozenset:
-    if extra_stats == "all":
-        return frozenset(EXTRA_STATS)
-    if not isinstance(extra_stats, str) and not (_iterable(extra_stats) and all(isinstance(n, str) for n in extra_stats)):
-        raise TypeError(f"extra_stats must be a statistic name, a collection of them or 'all', got {extra_stats!r}; "
-                        f"e.g. extra_stats=('grad_max',) or () for none")
-    names = frozenset({extra_stats} if isinstance(extra_stats, str) else extra_stats)
-    if names - EXTRA_STATS.keys():
-        raise ValueError(f"unknown extra_stats {sorted(names - EXTRA_STATS.keys())}; choose from "
-                         f"{sorted(EXTRA_STATS)} or 'all', e.g. extra_stats=('grad_max',)")
-    return names
-
-
-_RESIDUAL_CLASS = re.compile(r"^(Block|Bottleneck|BasicBlock|PreActBlock|Res(idual|net)?(Block|Unit|Layer)|InvertedResidual|"
-                             r"ConvNeXtBlock|BertLayer|\w*(Encoder|Decoder|Transformer)(Layer|Block)|"
-                             r"(GPT2|GPTNeo|GPTJ|T5|Bloom|Falcon|Swin|Mixer|Vit|ViT|CLIP|Siglip|Opt|OPT)\w*(Block|Layer))$")
-_NORM_CLASS = re.compile(r"(Batch|Layer|Group|Instance|Rms|RMS)Norm")
-
-
-def has_norm(model: nn.Module) -> bool:
-    """Whether ``model`` has normalisation layers: PyTorch's (BatchNorm/InstanceNorm, LayerNorm, GroupNorm, RMSNorm)
-    or any class named like one (``LlamaRMSNorm``, timm's ``LayerNorm2d``, ``BatchNormAct2d``)."""
-    kinds = tuple(c for c in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None))
-                  if c is not None)
-    return any(isinstance(m, kinds) or _NORM_CLASS.search(type(m).__name__) for m in model.modules())
-
-
-def has_residual(model: nn.Module) -> bool:
-    """Whether ``model`` has residual connections, judged from its block classes (ResNet ``BasicBlock`` /
-    ``Bottleneck``, transformer ``*Block`` / ``*EncoderLayer`` / ``BertLayer``, ``InvertedResidual``, ...), minus blocks
-    that say they have none (``shortcut = None``, ``has_skip = False``). Only decides whether a remedy may recommend
-    adding them."""
-    for m in model.modules():
-        if _RESIDUAL_CLASS.search(type(m).__name__):
-            if getattr(m, "shortcut", True) is None or getattr(m, "has_skip", True) is False \
-                    or getattr(m, "has_residual", True) is False:
-                continue
-            return True
-    return False
-
-
-def _trainable(model: nn.Module) -> tuple[list, dict]:
-    """``([(qualified name, module name, parameter)], {module name: {"module": class, "params": count}})`` of the
-    trainable parameters, each once, in module order; empty tensors have no statistics and are left out."""
-    params, seen, module_info = [], set(), {}
-    for mname, module in model.named_modules():
-        own = [(pn, p) for pn, p in module.named_parameters(recurse=False)
-               if p.requires_grad and p.numel() > 0 and id(p) not in seen]
-        for pn, p in own:
-            seen.add(id(p))
-            params.append((f"{mname}.{pn}" if mname else pn, mname, p))
-        module_info[mname] = {"module": type(module).__name__, "params": sum(p.numel() for _, p in own)}
-    return params, module_info
-
-
-def _context(model: nn.Module, optimizer) -> Context:
-    ctx = Context(has_norm=has_norm(model), has_residual=has_residual(model))
-    if optimizer is not None:
-        ctx.optimizer = type(optimizer).__name__
-        eps = [g["eps"] for g in optimizer.param_groups if isinstance(g.get("eps"), (int, float))]
-        ctx.adaptive = ctx.optimizer in ADAPTIVE or bool(eps and "betas" in optimizer.defaults)
-        if ctx.adaptive:
-            # no float eps (Lion's sign update; Adafactor's pair of eps added to squares): any nonzero gradient moves
-            ctx.eps = float(min(eps)) if eps else 0.0
-    return ctx
-
-
-_GATE_NAME = re.compile(r"(^|[._:])(gate|gates|se|attn|attention|excite|excitation)([._:#]|$)", re.I)
-_GATE_CLASS = re.compile(r"(SqueezeExcit|SEModule|SELayer|Gate|Attention|EffectiveSE)", re.I)
-
-
-def activation_role(site: str, owner: nn.Module | None, kind: str, broadcast: bool) -> str | None:
-    """``"gate"`` or ``"inner"`` for a sigmoid/tanh site that is not a saturating layer of its own, else None.
-
-    * ``"inner"``: a functional sigmoid/tanh inside a parameter-free activation module (GELU's tanh approximation,
-      SiLU/Swish, Mish): its saturation is the outer activation being linear or zero.
-    * ``"gate"``: a sigmoid that multiplies something (squeeze-excite, attention or LSTM-style gates), known by its
-      name, its owner's class, or an output that broadcasts over positions ((N, C, 1, 1)): gates are meant to saturate.
-    """
-    if kind not in ("sigmoid", "tanh"):
-        return None
-    if owner is not None and ":" in site and next(owner.parameters(recurse=True), None) is None \
-            and next(owner.children(), None) is None and type(owner).__name__ not in SATURATING:
-        return "inner"
-    if broadcast or _GATE_NAME.search(site) or (owner is not None and _GATE_CLASS.search(type(owner).__name__)):
-        return "gate"
-    return None
 
 
 def watched_by(model: nn.Module) -> "Scope | None":
@@ -162,8 +62,9 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
         optimizer: close steps automatically just before ``optimizer.step()``.
         scaler: a ``torch.amp.GradScaler`` whose scale divides the gradients, so reported values are unscaled (for the
             optimizer mode; in the manual mode pass it to ``scope.step(scaler=...)``).
-        detectors: detector instances to run (default: ``Vanishing(), Exploding(), Nonfinite()`` with their documented
-            thresholds); an empty list disables alerts.
+        detectors: detector instances to run (default: :func:`gradscope.default_detectors`, ``Nonfinite(),
+            Exploding(), Vanishing(), ThroughTime(), DeadUnits(), Saturation()`` with their documented thresholds); an
+            empty list disables alerts.
         raise_on: alert kinds that raise :class:`gradscope.GradientError` from ``step()``, e.g. ``{"nonfinite"}``.
         history: the most collected steps kept in memory (older ones are thinned, see :class:`~gradscope.record.History`).
         dead_window: a ReLU unit is dead when it has not fired on any of the last ``dead_window`` samples (counted on
@@ -203,107 +104,6 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
                  log_all_ranks=log_all_ranks, reduce_ranks=reduce_ranks, log_to=log_to)
 
 
-def _uncompiled(model: nn.Module, ddp: bool = True) -> nn.Module:
-    """The module inside a ``torch.compile(model)``, ``DistributedDataParallel`` or ``DataParallel`` wrapper (with
-    ``ddp=False``: inside compile wrappers only): its hooks fire when the wrapper runs, and its layer names are the
-    user's (``"0"``, not ``"module.0"``)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
-            model = inner
-        elif ddp and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
-
-
-def _world_size() -> int:
-    """Processes in the default ``torch.distributed`` group (1 when it is not initialised)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _saturation_sums(parts: list) -> tuple[list, "torch.Tensor | None", "torch.Tensor | None", dict]:
-    """``(sites, saturated counts, output sums, {site: numel})`` of a step's saturation parts, summed per site."""
-    if not parts:
-        return [], None, None, {}
-    sites, saturated = sum_by_key(parts, 1)
-    numel: dict = {}
-    for site, _, _, n in parts:
-        numel[site] = numel.get(site, 0) + n
-    return sites, saturated, sum_by_key(parts, 2)[1], numel
-
-
-def _reduce_across_ranks(c, loss=None):
-    """Make this step's activation-side buffers (and ``loss``, returned: the mean over ranks, the loss DDP optimises)
-    those of all ranks together, identical on every rank.
-
-    One ``all_reduce`` (SUM) of every site's numbers in one float64 vector, preceded by a check that all ranks hold
-    the same number of them (else the collective would hang or mix sites). Dead-unit counts and sample counts,
-    saturation counts, totals and sizes and output checks add up over ranks, so "dead" means dead on every rank's
-    data. Backprop signals and through-time profiles are of the loss DDP optimises, the mean of the ranks' losses:
-    dLoss/d(output) on rank r is 1/W of its local gradient, so squared norms add up divided by W**2 (equal per-rank
-    batches make the through-time batch mean the same). Parameter gradients need nothing: DDP all-reduced them.
-    """
-    dist = torch.distributed
-    world = dist.get_world_size()
-    sig_sites, sig = sum_by_key(c.signal_parts) if c.signal_parts else ([], None)
-    out_sites, out = sum_by_key(c.output_parts) if c.output_parts else ([], None)
-    sat_sites, sat_k, sat_tot, sat_numel = _saturation_sums(c.saturation_parts)
-    time_sites = list(c.through_time)
-    pieces = [t for t in (sig, out, sat_k, sat_tot) if t is not None]
-    pieces += [counts for _, counts, _ in c.dead_parts] + [c.through_time[s].profile for s in time_sites]
-    if not pieces and loss is None:
-        return loss
-    device = pieces[0].device if pieces else loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
-    if loss is not None:
-        pieces.append(torch.as_tensor(loss, dtype=torch.float64, device=device).reshape(1))
-    host = [float(v) for v in sat_numel.values()] + [float(n) for _, _, n in c.dead_parts]
-    flat = torch.cat([t.reshape(-1).to(device, torch.float64) for t in pieces] +
-                     [torch.tensor(host, dtype=torch.float64, device=device)])
-    size = torch.tensor([flat.numel(), -flat.numel()], dtype=torch.float64, device=device)
-    dist.all_reduce(size, op=dist.ReduceOp.MAX)
-    if size[0].item() != -size[1].item():
-        raise RuntimeError("gradscope: the ranks collected different call sites this step (a branch taken on some "
-                           "ranks only? a loss given on some ranks only?); every rank must call the same modules in the same order, as DDP itself "
-                           "expects without find_unused_parameters")
-    dist.all_reduce(flat)
-    parts = list(flat.split([t.numel() for t in pieces] + [len(host)]))
-    host_sums = [int(round(v)) for v in parts.pop().tolist()]
-    if loss is not None:
-        loss = parts.pop() / world
-    k = 0
-    if sig is not None:
-        c.signal_parts = list(zip(sig_sites, parts[k] / world ** 2))  # float64: tiny signals stay nonzero
-        k += 1
-    if out is not None:
-        c.output_parts = list(zip(out_sites, parts[k].float()))
-        k += 1
-    if sat_k is not None:
-        numel = dict(zip(sat_numel, host_sums[:len(sat_numel)]))
-        c.saturation_parts = [(site, kk, tot, numel[site])
-                              for site, kk, tot in zip(sat_sites, parts[k].float(), parts[k + 1].float())]
-        k += 2
-    ns = host_sums[len(sat_numel):]
-    c.dead_parts = [(site, parts[k + i].float(), n) for i, ((site, _, _), n) in enumerate(zip(c.dead_parts, ns))]
-    k += len(ns)
-    for site in time_sites:
-        tracker = c.through_time[site]
-        tracker.profile = (parts[k] / world ** 2).to(tracker.profile.dtype).reshape(tracker.profile.shape)
-        k += 1
-    return loss
-
-
-def _check_scaler(scaler) -> None:
-    if scaler is not None and not (hasattr(scaler, "is_enabled") and hasattr(scaler, "get_scale")):
-        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-
-
 def _nanmax(values: list[float]) -> float:
     return math.nan if any(math.isnan(v) for v in values) else max(values)
 
@@ -329,11 +129,6 @@ class Scope(Run):
       gradient came back non-finite, to count the NaN/Inf entries).
     """
 
-    OVERFLOW_PATIENCE = 10
-    """Consecutive overflowed collected steps under a GradScaler before a ``nonfinite`` alert. GradScaler's default
-    initial scale (2**16) typically overflows a few times while it settles; ten halvings in a row (a scale 1000x lower)
-    is no longer settling."""
-
     def __init__(self, model, every=1, *, optimizer=None, scaler=None, detectors=None, raise_on=(), history=2000,
                  dead_window=1000, saturation_eps=0.02, unit_dims=None, functional=True, update_ratio=False,
                  extra_stats=(), log_all_ranks=False, reduce_ranks=None, log_to=None):
@@ -341,46 +136,16 @@ class Scope(Run):
             raise TypeError(f"gradscope.watch() expects a torch.nn.Module, got {type(model).__name__}; "
                             "pass the model itself, e.g. gradscope.watch(model)")
         if reduce_ranks is None:
-            reduce_ranks = isinstance(_uncompiled(model, ddp=False), nn.parallel.DistributedDataParallel)
-        model = _uncompiled(model)
-        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
-            raise ValueError(f"every must be a positive int (collect on every N-th step), got {every!r}; e.g. every=10")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        _check_scaler(scaler)
-        if detectors is not None and (isinstance(detectors, (str, bytes)) or not _iterable(detectors)):
-            raise TypeError(f"detectors must be a list of detector instances, got {detectors!r}; e.g. "
-                            "detectors=[gradscope.Vanishing(ratio=1e-4), gradscope.Nonfinite()] (or [] for none)")
-        detectors = default_detectors() if detectors is None else list(detectors)
-        for d in detectors:
-            if not (isinstance(getattr(d, "kind", None), str) and callable(getattr(d, "check", None))):
-                raise TypeError(f"{d!r} is not a detector: it needs a 'kind' string and a check(record, layers) method")
-        kinds = {d.kind for d in detectors}
-        if not isinstance(raise_on, str) and not (_iterable(raise_on) and all(isinstance(k, str) for k in raise_on)):
-            raise TypeError(f"raise_on must be an alert kind or a collection of them, got {raise_on!r}; "
-                            "e.g. raise_on={'nonfinite'}")
-        raise_on = frozenset({raise_on} if isinstance(raise_on, str) else raise_on)
-        if raise_on - kinds:
-            raise ValueError(f"raise_on names unknown alert kinds {sorted(raise_on - kinds)}; "
-                             f"the detectors in use raise {sorted(kinds)}")
+            reduce_ranks = isinstance(unwrap(model, ddp=False), nn.parallel.DistributedDataParallel)
+        model = unwrap(model)
+        detectors, raise_on, extra = check_options(
+            every=every, optimizer=optimizer, scaler=scaler, detectors=detectors, raise_on=raise_on,
+            extra_stats=extra_stats, log_to=log_to, functional=functional, update_ratio=update_ratio,
+            log_all_ranks=log_all_ranks, reduce_ranks=reduce_ranks, dead_window=dead_window,
+            saturation_eps=saturation_eps, unit_dims=unit_dims)
         hist = History(history)
-        extra = _extra_stats(extra_stats)
-        if log_to is not None and not isinstance(log_to, (str, os.PathLike)):
-            raise TypeError(f"log_to must be a file path (str or os.PathLike) or None, got {log_to!r}")
-        for name, flag in (("functional", functional), ("update_ratio", update_ratio), ("log_all_ranks", log_all_ranks)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
-        if reduce_ranks is not None and not isinstance(reduce_ranks, bool):
-            raise TypeError(f"reduce_ranks must be True, False or None (automatic), got {reduce_ranks!r}")
-        if isinstance(dead_window, bool) or not isinstance(dead_window, int) or dead_window < 1:
-            raise ValueError(f"dead_window must be a positive int (samples), got {dead_window!r}; e.g. dead_window=1000")
-        if not isinstance(saturation_eps, (int, float)) or not 0 < saturation_eps < 1:
-            raise ValueError(f"saturation_eps must be a number in (0, 1), got {saturation_eps!r}; e.g. 0.02")
-        if unit_dims is not None and not (isinstance(unit_dims, dict) and all(
-                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in unit_dims.items())):
-            raise TypeError(f"unit_dims must map call-site names to dimension ints, e.g. {{'conv.1': 1}}; got {unit_dims!r}")
 
-        params, module_info = _trainable(model)
+        params, module_info = trainable_params(model)
         seen = {id(p) for _, _, p in params}
         if not params:
             raise ValueError(f"{type(model).__name__} has no trainable parameters (none with requires_grad=True): "
@@ -406,7 +171,7 @@ class Scope(Run):
             if owner is not None and getattr(owner, "_collector", None) is not None and owner.attached:
                 raise ValueError(f"{d!r} already serves {owner!r}: detectors keep per-run state, so give each "
                                  "watch() its own instances (e.g. detectors=[gradscope.Vanishing(), ...] per model)")
-        self.context = _context(model, optimizer)
+        self.context = detector_context(model, optimizer)
         """What the detectors know about the model and its optimizer (:class:`gradscope.detectors.Context`)."""
         for d in detectors:
             if hasattr(d, "context"):
@@ -415,7 +180,7 @@ class Scope(Run):
                 d._gradscope_scope = weakref.ref(self)
             except AttributeError:  # a detector with __slots__: it cannot be told apart, and is not refused
                 pass
-        self._book = AlertBook(raise_on=raise_on, log=log_all_ranks or _rank() == 0)  # every rank detects alike
+        self._book = AlertBook(raise_on=raise_on, log=log_all_ranks or rank() == 0)  # every rank detects alike
         self._num_steps = 0
         self._layers_seen = -1
         self._warned_no_backward = False
@@ -429,7 +194,6 @@ class Scope(Run):
         self.grad_divisor = 1.0
         """What this collected step's ``.grad`` values were divided by for the statistics (the AMP loss scale when
         the gradients were still scaled, else 1): listeners that read ``.grad`` themselves divide by it too."""
-        self._overflow_streak = 0
         self._loss = None  # this step's loss, from record_loss()
         self._scale_at_start = None
         self._opt_handle = None
@@ -452,7 +216,7 @@ class Scope(Run):
                     self._collector.watch_backward()
                     self._collector.on_new_forward = self._check_skipped_step
             self._update_layers()
-            if log_to is not None and _rank() == 0:
+            if log_to is not None and rank() == 0:
                 self._stream = LogStream(log_to)
                 # closes the log (its end line) at detach(), when the scope is collected, or at interpreter exit
                 self._stream_close = weakref.finalize(self, self._stream.close)
@@ -490,7 +254,7 @@ class Scope(Run):
         """
         if not self.attached:
             raise RuntimeError("this scope is detached; call gradscope.watch(model) again to keep monitoring")
-        _check_scaler(scaler)
+        check_scaler(scaler)
         if not self._collector.backward_seen and not (self._follow_params() and self._collector.backward_seen):
             raise RuntimeError("scope.step() was called with no backward pass since the last step: call "
                                "loss.backward() before scope.step(), once per optimizer step")
@@ -606,7 +370,7 @@ class Scope(Run):
         """Follow the model's parameters if they were replaced (``load_state_dict(..., assign=True)`` or a parameter
         attribute set anew): the scope tracks the new objects from now on. Returns whether they were."""
         self._param_slots = None
-        params, module_info = _trainable(self.model)
+        params, module_info = trainable_params(self.model)
         if not self._collector.params_replaced([p for _, _, p in params]):
             return False
         if not params:
@@ -677,12 +441,11 @@ class Scope(Run):
             self._take_snapshot(step)
         if not collected:
             return []
-        if record.info["overflow"]:
-            # the scaler skips this step, so its gradients are not the model's; only a persistent overflow is news
-            new = self._book.update(self._overflow_conditions(record), partial=True)
-        else:
-            self._overflow_streak = 0
-            new = self._book.update([a for d in self.detectors for a in d.check(record, self.meta["layers"])])
+        # the scaler skips an overflowed step, so its gradients are not the model's: only the detectors that judge
+        # overflows (Nonfinite: a persistent one) see it, and the other conditions keep their state
+        overflow = record.info["overflow"]
+        detectors = [d for d in self.detectors if getattr(d, "sees_overflow", False)] if overflow else self.detectors
+        new = self._book.update([a for d in detectors for a in d.check(record, self.meta["layers"])], partial=overflow)
         self.history.append(record)
         if self._stream is not None and not self._stream.closed:
             self._write_stream(record, new)
@@ -723,20 +486,6 @@ class Scope(Run):
             torch._foreach_copy_(self._snapshot, current)
         self._snapshot_step = step
 
-    def _overflow_conditions(self, record: StepRecord) -> list[Alert]:
-        self._overflow_streak += 1
-        streak, patience = self._overflow_streak, self.OVERFLOW_PATIENCE
-        if streak < patience or "nonfinite" not in {d.kind for d in self.detectors}:
-            return []
-        found = Nonfinite().check(record, self.meta["layers"])
-        return [Alert(
-            "nonfinite", found[0].layer if found else "", record.step, float(streak), float(patience),
-            f"gradients overflowed under the AMP grad scaler on {streak} consecutive collected steps (scale now "
-            f"{record.info['grad_scale']:.3g}): not a transient overflow the scaler can absorb.",
-            "look for values that overflow float16 in the forward pass or the loss (use bfloat16, or compute the loss "
-            "in float32), lower the learning rate, check the inputs; torch.autograd.detect_anomaly() names the op.",
-            "overflow_streak")]
-
     def _update_layers(self) -> None:
         order = self._collector.order
         if len(order) == self._layers_seen:
@@ -775,7 +524,7 @@ class Scope(Run):
 
     def _collect(self, step: int, scaler, scale_t=None, skipped: bool = False) -> StepRecord:
         c = self._collector
-        c.gather()
+        b = c.gather()
         self._note_unmonitored()
         if c.evicted_reached and self.meta.get("uncounted_passes") != c.evicted_reached:
             if "uncounted_passes" not in self.meta:
@@ -791,13 +540,13 @@ class Scope(Run):
         scale_t = _torch.scale_tensor(scaler) if scale_t is None else scale_t
         use_snapshot = self._snapshot is not None and self._snapshot_step == step - 1
         extra = self._extra
-        if self._reduce_ranks and _world_size() > 1:
-            self._loss = _reduce_across_ranks(c, self._loss)
+        if self._reduce_ranks and world_size() > 1:
+            b, self._loss = reduce_buffers(b, self._loss)
 
         # fold this step's ReLU counts into the dead-unit states: a site observed k times is updated in k rounds
         rounds: list[list] = []
         depth: dict = {}
-        for part in c.dead_parts:
+        for part in b.dead_parts:
             k = depth[part[0]] = depth.get(part[0], -1) + 1
             if k == len(rounds):
                 rounds.append([])
@@ -819,12 +568,12 @@ class Scope(Run):
                 tr.add("update", norms(torch._foreach_sub([w.detach() for w in weights],
                                                           [self._snapshot[i] for i, _ in have])))
         signal_sites = out_sites = ()
-        sat_sites, sat_k, sat_tot, sat_numel = _saturation_sums(c.saturation_parts)
-        if c.signal_parts:
-            signal_sites, t = sum_by_key(c.signal_parts)
+        sat_sites, sat_k, sat_tot, sat_numel = saturation_sums(b.saturation_parts)
+        if b.signal_parts:
+            signal_sites, t = sum_by_key(b.signal_parts)
             tr.add("signal", t)
-        if c.output_parts:
-            out_sites, t = sum_by_key(c.output_parts)
+        if b.output_parts:
+            out_sites, t = sum_by_key(b.output_parts)
             tr.add("out", t)
         if scale_t is not None:
             tr.add("scale", scale_t)
@@ -837,15 +586,15 @@ class Scope(Run):
         if sat_k is not None:
             tr.add("saturated", sat_k)
             tr.add("sat_total", sat_tot)
-        for site, tracker in c.through_time.items():
-            tr.add(("time", site), tracker.profile)
+        for site, profile in b.through_time.items():
+            tr.add(("time", site), profile)
         got = tr.fetch()  # the one transfer of this step
 
         n = len(grads)
         g_norm, g_max, g_nonzero = got.get("grad", []), got.get("max"), got.get("nonzero")
         w_norm, upd = got.get("weight"), got.get("update")
         sig = dict(zip(signal_sites, got.get("signal", [])))
-        sig.update({site: 0.0 for site in c.hooked if site not in sig})  # outputs no backward pass reached
+        sig.update({site: 0.0 for site in b.hooked if site not in sig})  # outputs no backward pass reached
         out_sum = dict(zip(out_sites, got.get("out", [])))
         dead_stats = {site: (count, rate) for site, count, rate in zip(dead, got.get("dead", []), got.get("rate", []))}
         sat_stats = {site: (k / sat_numel[site], total / sat_numel[site])

@@ -250,3 +250,14 @@ class Transfer:
             out[key] = flat[pos:pos + t.numel()]
             pos += t.numel()
         return out
+
+
+def saturation_sums(parts: list) -> tuple[list, "torch.Tensor | None", "torch.Tensor | None", dict]:
+    """``(sites, saturated counts, output sums, {site: numel})`` of a step's saturation parts, summed per site."""
+    if not parts:
+        return [], None, None, {}
+    sites, saturated = sum_by_key(parts, 1)
+    numel: dict = {}
+    for site, _, _, n in parts:
+        numel[site] = numel.get(site, 0) + n
+    return sites, saturated, sum_by_key(parts, 2)[1], numel
