@@ -140,6 +140,20 @@ class DeadUnitBank:
         self.layout: tuple = ()  # ((site, units), ...) of the flat vectors
         self._since = self._rate = self._segment = None
 
+    def fold(self, parts: list) -> list[str]:
+        """Fold one step's ``(site, fired counts, samples)`` parts into the states (a site observed k times is updated
+        in k rounds); return the step's ReLU sites in forward order."""
+        rounds: list[list] = []
+        depth: dict = {}
+        for part in parts:
+            k = depth[part[0]] = depth.get(part[0], -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(part)
+        for batch in rounds:
+            self.update(batch)
+        return [site for site in depth if site in self.sites]
+
     def _relayout(self, layout: tuple, device) -> None:
         since, rate = [], []
         for site, units in layout:

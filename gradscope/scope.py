@@ -9,25 +9,22 @@ It orchestrates: the hooks (:mod:`.collect`) fill a step's buffers; at step clos
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
-from array import array
 import weakref
-from collections import defaultdict
 
 import torch
 from torch import nn
 
 from . import _torch
-from .activations import through_time_summary
 from .alerts import Alert, AlertBook
 from .anatomy import activation_role, detector_context, trainable_params, unwrap
 from .anatomy import has_norm, has_residual  # noqa: F401  (gradscope.scope.has_norm: where they were first)
+from .build import build_record
 from .collect import Collector
 from .distributed import rank, reduce_buffers, world_size
 from .options import check_options, check_scaler
 from .record import FORMAT, FORMAT_VERSION, History, LogStream, Run, StepRecord
-from .stats import Transfer, _wide, max_abs, nonfinite_counts, nonzero_counts, norms, saturation_sums, sum_by_key
+from .stats import _wide
 
 # Models currently watched, so a second watch() on the same model fails loudly instead of doubling every hook. Values
 # are weak too: a scope holds its model, so a strong value would keep a never-detached model alive forever.
@@ -102,10 +99,6 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
                  history=history, dead_window=dead_window, saturation_eps=saturation_eps, unit_dims=unit_dims,
                  functional=functional, update_ratio=update_ratio, extra_stats=extra_stats,
                  log_all_ranks=log_all_ranks, reduce_ranks=reduce_ranks, log_to=log_to)
-
-
-def _nanmax(values: list[float]) -> float:
-    return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
 class Scope(Run):
@@ -536,147 +529,15 @@ class Scope(Run):
             self.meta["uncounted_passes"] = c.evicted_reached
         have = [(i, p.grad) for i, (_, _, p) in enumerate(self._params) if c.grad_changed(i)]
         grads = [g for _, g in have]
-        weights = [self._params[i][2] for i, _ in have]
         scale_t = _torch.scale_tensor(scaler) if scale_t is None else scale_t
         use_snapshot = self._snapshot is not None and self._snapshot_step == step - 1
-        extra = self._extra
         if self._reduce_ranks and world_size() > 1:
             b, self._loss = reduce_buffers(b, self._loss)
 
-        # fold this step's ReLU counts into the dead-unit states: a site observed k times is updated in k rounds
-        rounds: list[list] = []
-        depth: dict = {}
-        for part in b.dead_parts:
-            k = depth[part[0]] = depth.get(part[0], -1) + 1
-            if k == len(rounds):
-                rounds.append([])
-            rounds[k].append(part)
-        for parts in rounds:
-            c.dead_bank.update(parts)
-        dead = [site for site in depth if site in c.dead]  # this step's ReLU sites, in forward order
-
-        tr = Transfer()
-        if grads:
-            tr.add("grad", norms(grads))
-            if "grad_max" in extra:
-                tr.add("max", max_abs(grads))
-            if "grad_zero_frac" in extra:
-                tr.add("nonzero", nonzero_counts(grads))
-            if "weight_norm" in extra:
-                tr.add("weight", norms(weights))
-            if use_snapshot:
-                tr.add("update", norms(torch._foreach_sub([w.detach() for w in weights],
-                                                          [self._snapshot[i] for i, _ in have])))
-        signal_sites = out_sites = ()
-        sat_sites, sat_k, sat_tot, sat_numel = saturation_sums(b.saturation_parts)
-        if b.signal_parts:
-            signal_sites, t = sum_by_key(b.signal_parts)
-            tr.add("signal", t)
-        if b.output_parts:
-            out_sites, t = sum_by_key(b.output_parts)
-            tr.add("out", t)
-        if scale_t is not None:
-            tr.add("scale", scale_t)
-        if isinstance(self._loss, torch.Tensor):
-            tr.add("loss", self._loss)
-        if dead:
-            count, rate = c.dead_bank.stats(dead)
-            tr.add("dead", count)
-            tr.add("rate", rate)
-        if sat_k is not None:
-            tr.add("saturated", sat_k)
-            tr.add("sat_total", sat_tot)
-        for site, profile in b.through_time.items():
-            tr.add(("time", site), profile)
-        got = tr.fetch()  # the one transfer of this step
-
-        n = len(grads)
-        g_norm, g_max, g_nonzero = got.get("grad", []), got.get("max"), got.get("nonzero")
-        w_norm, upd = got.get("weight"), got.get("update")
-        sig = dict(zip(signal_sites, got.get("signal", [])))
-        sig.update({site: 0.0 for site in b.hooked if site not in sig})  # outputs no backward pass reached
-        out_sum = dict(zip(out_sites, got.get("out", [])))
-        dead_stats = {site: (count, rate) for site, count, rate in zip(dead, got.get("dead", []), got.get("rate", []))}
-        sat_stats = {site: (k / sat_numel[site], total / sat_numel[site])
-                     for site, k, total in zip(sat_sites, got.get("saturated", []), got.get("sat_total", []))}
-        scale = got["scale"][0] if scale_t is not None else 1.0
-        grad_scale = 1.0 if scale_t is None or _torch.grads_already_unscaled(scaler) else scale
-        self.grad_divisor = grad_scale
-
-        bad = [k for k in range(n) if not math.isfinite(g_norm[k])]
-        nonfinite = dict(zip(bad, nonfinite_counts([grads[k] for k in bad]))) if bad else {}
-
-        params = {}
-        agg = defaultdict(lambda: {"sq": 0.0, "numel": 0, "max": [], "zeros": 0.0, "nf": 0, "wsq": 0.0, "usq": 0.0})
-        for k, (i, g) in enumerate(have):
-            pname, lname, p = self._params[i]
-            numel = p.numel()
-            gn = g_norm[k] / grad_scale
-            st = params[pname] = {"grad_norm": gn, "grad_rms": gn / math.sqrt(numel),
-                                  "grad_nonfinite": nonfinite.get(k, 0)}
-            a = agg[lname]
-            a["sq"] += gn * gn
-            a["numel"] += numel
-            a["nf"] += nonfinite.get(k, 0)
-            if g_max is not None:
-                st["grad_max"] = g_max[k] / grad_scale
-                a["max"].append(st["grad_max"])
-            if g_nonzero is not None:
-                st["grad_zero_frac"] = (numel - g_nonzero[k]) / numel
-                a["zeros"] += numel - g_nonzero[k]
-            if w_norm is not None:
-                st["weight_norm"] = w_norm[k]
-                a["wsq"] += w_norm[k] * w_norm[k]
-            if upd is not None:
-                st["update_ratio"] = upd[k] / w_norm[k] if w_norm[k] > 0 else math.nan
-                a["usq"] += upd[k] * upd[k]
-
-        layers = {}
-        for e in self.meta["layers"]:
-            name, st = e["name"], {}
-            if name in agg:
-                a = agg[name]
-                gn = math.sqrt(a["sq"])
-                st.update(grad_norm=gn, grad_rms=gn / math.sqrt(a["numel"]), grad_nonfinite=a["nf"])
-                if g_max is not None:
-                    st["grad_max"] = _nanmax(a["max"])
-                if g_nonzero is not None:
-                    st["grad_zero_frac"] = a["zeros"] / a["numel"]
-                if w_norm is not None:
-                    st["weight_norm"] = wn = math.sqrt(a["wsq"])
-                    if upd is not None:
-                        st["update_ratio"] = math.sqrt(a["usq"]) / wn if wn > 0 else math.nan
-            if name in sig:
-                st["backprop_signal"] = math.sqrt(sig[name]) / scale
-            if name in out_sum:
-                st["output_nonfinite"] = 0.0 if math.isfinite(out_sum[name]) else 1.0
-                st["output_nan"] = 1.0 if math.isnan(out_sum[name]) else 0.0
-            if name in dead_stats and c.dead[name].since.numel():
-                count, rate = dead_stats[name]
-                tracker = c.dead[name]
-                units = tracker.since.numel()
-                st.update(dead_fraction=count / units, dead_units=count, units=units, fire_rate=rate / units,
-                          dead_window_filled=float(tracker.seen >= tracker.window))
-            if name in sat_stats:
-                st["saturation"], st["mean_output"] = sat_stats[name]
-            if ("time", name) in got:
-                profile = [v / scale for v in got[("time", name)]]
-                st["through_time_ratio"], st["through_time_reach"] = through_time_summary(profile)
-                st["through_time"] = array("f", profile)
-            if st:
-                layers[name] = st
-
-        # Under a scaler, non-finite gradients are an overflow the scaler skips, unless the forward pass made a NaN:
-        # that is a real fault (an infinite forward output, e.g. a -inf attention mask, is left to the scaler).
-        backward_bad = bool(nonfinite) or any(not math.isfinite(v) for v in sig.values())
-        forward_nan = any(math.isnan(v) for v in out_sum.values())
-        loss = None
-        if self._loss is not None:
-            loss = got["loss"][0] if isinstance(self._loss, torch.Tensor) else self._loss
-        # a non-finite loss is never the scaler's doing: it scales the loss after it is computed
-        overflow = (skipped or (scale_t is not None and backward_bad and not forward_nan)) \
-            and (loss is None or math.isfinite(loss))
-        info = {"grad_scale": scale, "overflow": overflow}
-        if loss is not None:
-            info["loss"] = loss
-        return StepRecord(step, layers, params, info)
+        dead = c.dead_bank.fold(b.dead_parts)
+        record, self.grad_divisor = build_record(
+            step, [self._params[i] for i, _ in have], grads, b, c.dead_bank, dead, self.meta["layers"], self._extra,
+            snapshot=[self._snapshot[i] for i, _ in have] if use_snapshot else None, scale_t=scale_t,
+            grads_unscaled=scale_t is not None and _torch.grads_already_unscaled(scaler), loss=self._loss,
+            skipped=skipped)
+        return record
