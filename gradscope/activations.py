@@ -104,7 +104,7 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-class DeadUnits:
+class DeadUnitState:
     """Which units of a ReLU-family site have not fired (output > 0) on any of the last ``window`` samples.
 
     State is O(units): for each unit the number of samples since the batch in which it last fired (capped at
@@ -136,7 +136,7 @@ class DeadUnitBank:
 
     def __init__(self, window: int):
         self.window = window
-        self.sites: dict[str, DeadUnits] = {}
+        self.sites: dict[str, DeadUnitState] = {}
         self.layout: tuple = ()  # ((site, units), ...) of the flat vectors
         self._since = self._rate = self._segment = None
 
@@ -157,7 +157,7 @@ class DeadUnitBank:
     def _relayout(self, layout: tuple, device) -> None:
         since, rate = [], []
         for site, units in layout:
-            t = self.sites.setdefault(site, DeadUnits(self.window))
+            t = self.sites.setdefault(site, DeadUnitState(self.window))
             if t.since is None or t.since.numel() != units:
                 t.since = torch.zeros(units, device=device)
                 t.rate = torch.zeros(units, device=device)
@@ -229,7 +229,7 @@ def saturation_counts(out: Tensor, kind: str, eps: float) -> tuple[Tensor, Tenso
     return saturated, y.sum(), y.numel()
 
 
-class ThroughTime:
+class TimeProfile:
     """Norm of dLoss/d(input at step t) of a recurrent layer for every t, averaged over the batch, summed over the
     backward passes of one step."""
 

@@ -83,7 +83,6 @@ class AlertBook:
     rearm_after: int = 10
     log: bool = True  # log new alerts to the "gradscope" logger (False on ranks other than 0 under torch.distributed)
     alerts: list = field(default_factory=list)
-    dropped: int = 0
     _clear_for: dict = field(default_factory=dict)  # key of an open episode -> collected steps it has been clear
 
     def update(self, conditions: Iterable[Alert], partial: bool = False) -> list[Alert]:
@@ -107,8 +106,7 @@ class AlertBook:
             log_alerts(new)
         for a in new:
             if len(self.alerts) >= self.max_alerts:
-                self.alerts.pop(0)
-                self.dropped += 1
+                self.alerts.pop(0)  # the newest max_alerts are kept (documented)
             self.alerts.append(a)
         return new
 

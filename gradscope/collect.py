@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _torch
-from .activations import (DeadUnitBank, DeadUnits, FunctionalCalls, ThroughTime, fired_counts, module_kind,
+from .activations import (DeadUnitBank, DeadUnitState, FunctionalCalls, TimeProfile, fired_counts, module_kind,
                           saturation_counts, unit_dim)
 from .stats import sq_norm
 
@@ -194,7 +194,8 @@ class Collector:
 
     The backward side (``signal_parts``, ``through_time``) is kept per step, the forward side per forward pass
     (:class:`_Pass`); :meth:`gather` hands the step's :class:`StepBuffers` to the record builder, :meth:`reset` drops
-    them. Kept across steps: ``dead`` (the rolling dead-unit state of each ReLU site, updated at step close) and ``order``.
+    them. Kept across steps: ``dead`` (the rolling dead-unit state of each ReLU site, updated at step close) and
+    ``order``.
     """
 
     MAX_PENDING_PASSES = 64
@@ -219,8 +220,8 @@ class Collector:
         self.order: dict[str, str] = {}  # call site -> module name, in forward order of first call
         self.functional_sites: dict[str, str] = {}  # functional call site -> activation kind
         self.dead_bank = DeadUnitBank(dead_window)
-        self.dead: dict[str, DeadUnits] = self.dead_bank.sites
-        self.through_time: dict[str, ThroughTime] = {}
+        self.dead: dict[str, DeadUnitState] = self.dead_bank.sites
+        self.through_time: dict[str, TimeProfile] = {}
         self.broadcast_sites: set[str] = set()  # sigmoid/tanh sites whose output broadcasts over positions: gates
         self.saturation_eps = saturation_eps
         self.unit_dims = dict(unit_dims or {})
@@ -678,7 +679,7 @@ class Collector:
             return
         tracker = self.through_time.get(site)
         if tracker is None:
-            tracker = self.through_time[site] = ThroughTime()
+            tracker = self.through_time[site] = TimeProfile()
         tracker.observe_grad(grad, batch_dim)
 
     def _on_grad(self, site: str, cur: _Pass, grad: Tensor):

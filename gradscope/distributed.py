@@ -53,8 +53,8 @@ def reduce_buffers(b: StepBuffers, loss=None) -> tuple[StepBuffers, object]:
     dist.all_reduce(size, op=dist.ReduceOp.MAX)
     if size[0].item() != -size[1].item():
         raise RuntimeError("gradscope: the ranks collected different call sites this step (a branch taken on some "
-                           "ranks only? a loss given on some ranks only?); every rank must call the same modules in the same order, as DDP itself "
-                           "expects without find_unused_parameters")
+                           "ranks only? a loss given on some ranks only?); every rank must call the same modules in "
+                           "the same order, as DDP itself expects without find_unused_parameters")
     dist.all_reduce(flat)
     parts = list(flat.split([t.numel() for t in pieces] + [len(host)]))
     host_sums = [int(round(v)) for v in parts.pop().tolist()]
