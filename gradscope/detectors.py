@@ -19,6 +19,7 @@ flagged layers are then always the input-side end of the network, which is where
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections import deque
@@ -584,6 +585,41 @@ class ThroughTime:
 def _backward_nonfinite(stats: dict) -> bool:
     sig = stats.get("backprop_signal")
     return bool(stats.get("grad_nonfinite")) or (sig is not None and not math.isfinite(sig))
+
+
+def detector_settings(detectors) -> list[dict]:
+    """What each detector was set to (``{"detector": class name, field: value}`` for its public number, string and
+    bool fields), for the record: figures and summaries draw the thresholds the run used."""
+    out = []
+    for d in detectors:
+        entry = {"detector": type(d).__name__}
+        if dataclasses.is_dataclass(d):
+            for f in dataclasses.fields(d):
+                v = getattr(d, f.name, None)
+                if f.init and not f.name.startswith("_") and isinstance(v, (int, float, str, bool)):
+                    entry[f.name] = v
+        out.append(entry)
+    return out
+
+
+def thresholds(meta: dict) -> dict:
+    """``{"vanishing": ratio, "exploding": ratio, "output_side": fraction}`` of a run: the settings of its
+    ``Vanishing`` and ``Exploding`` detectors from ``meta["detectors"]`` (see :func:`detector_settings`), else these
+    detectors' defaults. Rendering reads them here, never from constants of its own."""
+    found = {"vanishing": Vanishing.ratio, "exploding": Exploding.ratio, "output_side": Vanishing.output_side}
+    entries = meta.get("detectors") if isinstance(meta, dict) else None
+    for e in entries if isinstance(entries, list) else []:
+        if not isinstance(e, dict):
+            continue
+        for cls, key in ((Vanishing, "vanishing"), (Exploding, "exploding")):
+            if e.get("detector") == cls.__name__:
+                v = e.get("ratio")
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf:
+                    found[key] = float(v)
+                w = e.get("output_side")
+                if cls is Vanishing and isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w <= 1:
+                    found["output_side"] = float(w)
+    return found
 
 
 def default_detectors() -> list:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 
-from .detectors import output_side_reference, signal_profile
+from .detectors import output_side_reference, signal_profile, thresholds
 from .record import Run, _finite, load
 from .render import short_name
 
@@ -138,9 +138,12 @@ def gradient_flow(source, path=None, step: int | None = None):
                         if bad else f"no layer has a positive gradient at step {rec.step}")
     profile = signal_profile(rec, run.meta["layers"])
     if profile:
-        ref = output_side_reference(profile, 0.25)
-        ax.axhline(ref * 1e-3, color=PALETTE[0], ls=":", lw=1, label="vanishing threshold (1e-3 x output side)")
-        ax.axhline(ref * 1e3, color=PALETTE[3], ls=":", lw=1, label="exploding threshold (1e3 x output side)")
+        th = thresholds(run.meta)  # the thresholds this run's detectors used
+        ref = output_side_reference(profile, th["output_side"])
+        ax.axhline(ref * th["vanishing"], color=PALETTE[0], ls=":", lw=1,
+                   label=f"vanishing threshold ({th['vanishing']:g} x output side)")
+        ax.axhline(ref * th["exploding"], color=PALETTE[3], ls=":", lw=1,
+                   label=f"exploding threshold ({th['exploding']:g} x output side)")
     flagged = {a.layer: a.kind for a in run.alerts}
     for i, n in enumerate(names):
         if n in flagged and math.isfinite(sig[i]) and sig[i] > 0:

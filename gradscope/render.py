@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .detectors import output_side_reference, signal_profile
+from .detectors import output_side_reference, signal_profile, thresholds
 
 NAME_WIDTH = 30
 ACTIVATION_STATS = {"dead_fraction", "saturation", "through_time"}
@@ -47,7 +47,7 @@ def format_summary(run, max_names: int = 8) -> str:
     if rec.info.get("overflow"):
         lines.append("  (this step overflowed under the AMP grad scaler and was skipped by it)")
     profile = signal_profile(rec, layers)
-    ref = output_side_reference(profile, 0.25) if profile else math.nan
+    ref = output_side_reference(profile, thresholds(run.meta)["output_side"]) if profile else math.nan
     rows = [e for e in layers if e.get("profile") or e["name"] in rec.layers and
             ACTIVATION_STATS & rec.layers[e["name"]].keys()]
     extra = [(key, title, fmt) for key, title, fmt in OPTIONAL_COLUMNS

@@ -21,6 +21,7 @@ from .anatomy import activation_role, detector_context, trainable_params, unwrap
 from .anatomy import has_norm, has_residual  # noqa: F401  (gradscope.scope.has_norm: where they were first)
 from .build import build_record
 from .collect import Collector
+from .detectors import detector_settings
 from .distributed import rank, reduce_buffers, world_size
 from .options import check_options, check_scaler
 from .record import FORMAT, FORMAT_VERSION, History, LogStream, Run, StepRecord
@@ -178,7 +179,8 @@ class Scope(Run):
         self._layers_seen = -1
         self._warned_no_backward = False
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "every": every, "model": type(model).__name__,
-                "torch_version": torch.__version__, "context": dataclasses.asdict(self.context), "layers": []}
+                "torch_version": torch.__version__, "context": dataclasses.asdict(self.context),
+                "detectors": detector_settings(detectors), "layers": []}
         super().__init__(meta, hist, self._book.alerts)
 
         self._optimizer = optimizer
