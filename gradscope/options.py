@@ -7,14 +7,10 @@ import os
 import torch
 
 from .detectors import default_detectors
+from .statistics import STATISTICS
 
 
-EXTRA_STATS = {
-    "grad_max": "max |g| per parameter and layer (one aminmax pass over every gradient: ~1% of a resnet18 CPU step)",
-    "grad_zero_frac": "fraction of exactly-zero gradient entries (one compare-and-sum pass: ~3% of a resnet18 CPU "
-                      "step, more on gradients with many zeros)",
-    "weight_norm": "L2 norm of every parameter (one pass over the weights: ~1% of a resnet18 CPU step)",
-}
+EXTRA_STATS = {s.name: s.cost for s in STATISTICS.values() if s.optional}
 """Statistics beyond the defaults, chosen with ``watch(..., extra_stats=...)``. No detector needs them: they are
 descriptive, and each is a full pass over every gradient or weight on each collected step, so they are opt-in."""
 

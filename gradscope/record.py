@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .alerts import Alert
+from .statistics import names
 
 FORMAT = "gradscope"
 FORMAT_VERSION = 2  # 2: an "end" line closes every file, with its counts of steps and alerts
@@ -353,7 +354,7 @@ def _write(f, obj: dict) -> None:
 
 
 MAX_INT = 2**63  # step numbers, counts and sizes must fit an int64
-PROFILE_STATS = ("through_time",)  # the statistics that are lists, one value per time step
+PROFILE_STATS = names(profile=True)  # the statistics that are lists, one value per time step
 # the fields of a meta "layers" entry that the reading code uses, and their types ("name" is required)
 LAYER_FIELDS = {"name": str, "module": str, "role": str, "profile": bool, "params": int, "depth": int}
 META_STRINGS = ("model", "label", "torch_version")

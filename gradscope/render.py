@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 
 from .detectors import output_side_reference, signal_profile, thresholds
+from .statistics import STATISTICS, names
 
 NAME_WIDTH = 30
-ACTIVATION_STATS = {"dead_fraction", "saturation", "through_time"}
+ACTIVATION_STATS = set(names(summary_row=True))
 # (statistic, column title, (format, scale, width)): shown only when some row has the statistic
-OPTIONAL_COLUMNS = [("grad_max", "grad_max", (".2e", 1, 9)), ("grad_zero_frac", "zero%", (".1f", 100, 6)),
-                    ("dead_fraction", "dead%", (".1f", 100, 7)), ("saturation", "sat%", (".1f", 100, 7)),
-                    ("update_ratio", "upd/w", (".1e", 1, 7))]
+OPTIONAL_COLUMNS = [(s.name, s.column[1], s.column[2:]) for s in sorted(
+    (s for s in STATISTICS.values() if s.column), key=lambda s: s.column[0])]
 
 
 def _scaled(v, fmt):

@@ -22,8 +22,9 @@ except ImportError as e:  # pragma: no cover - exercised only without lightning
 from ..record import _finite, layer_scalars
 from .. import _torch
 from ..scope import watch
+from ..statistics import names
 
-DEFAULT_LOG_STATS = ("grad_norm", "backprop_signal", "dead_fraction", "saturation")
+DEFAULT_LOG_STATS = names(headline=True)
 
 
 class GradscopeCallback(Callback):

@@ -17,9 +17,9 @@ Needs the ``tensorboard`` package (``pip install tensorboard`` or ``pip install 
 from __future__ import annotations
 
 from ..record import StepRecord, _finite, layer_scalars
+from ..statistics import names
 
-DEFAULT_STATS = ("grad_norm", "grad_rms", "backprop_signal", "dead_fraction", "saturation", "through_time_ratio",
-                 "update_ratio", "grad_max", "grad_zero_frac", "weight_norm")
+DEFAULT_STATS = names(logged=True)
 """Per-layer statistics written when present in a record (the optional ones only when the scope collects them)."""
 
 
