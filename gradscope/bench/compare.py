@@ -297,8 +297,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--every", type=int, default=1, help="gradscope collects every N-th step")
     ap.add_argument("--evals", type=int, default=4, help="evaluations on the test set per model")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--data-dir", help=f"a CIFAR-10 image folder (train/<class>/*, test/<class>/*); "
-                                       f"or set $GRADSCOPE_CIFAR10_DIR")
+    ap.add_argument("--data-dir", help="a CIFAR-10 image folder (train/<class>/*, test/<class>/*); "
+                                       "or set $GRADSCOPE_CIFAR10_DIR")
     ap.add_argument("--cache-dir", help="where torchvision's CIFAR-10 is cached (default ~/.cache/gradscope)")
     ap.add_argument("--no-download", dest="download", action="store_false", help="never try to download CIFAR-10")
     ap.add_argument("--synthetic", action="store_true", help="use random images (announced), e.g. to test a setup")
