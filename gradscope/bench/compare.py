@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import gradscope
 
 from .data import ENV_VAR, Batches, batches_of, check_image_folder, load_cifar10
-from .models import build_model, family
+from .models import MODEL_PATTERNS, build_model, family
 from ..report import out_dir_problem
 
 _ACT = [("sigmoid", "xavier"), ("tanh", "xavier"), ("relu", "kaiming")]
@@ -283,8 +283,7 @@ def parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="a named set of models (default: quick)")
     ap.add_argument("--models", nargs="+", metavar="NAME",
-                    help="models instead of a preset: mlp{depth}-{act}-{init}[-bn], resnet{6n+2}, plain{6n+2}, "
-                         "{rnn,lstm,gru}-{rows,pixels}")
+                    help="models instead of a preset: " + "; ".join(MODEL_PATTERNS.values()))
     length = ap.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps per model")
     length.add_argument("--epochs", type=float, help="epochs over the (sub)set per model")

@@ -18,7 +18,8 @@ from torch import nn
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU}
 INITS = ("default", "xavier", "kaiming")
 MODEL_PATTERNS = {
-    r"mlp(\d+)-(sigmoid|tanh|relu|leaky_relu|gelu)-(default|xavier|kaiming)(-bn)?": "deep MLP, e.g. mlp20-sigmoid-default",
+    rf"mlp(\d+)-({'|'.join(ACTIVATIONS)})-({'|'.join(INITS)})(-bn)?": "deep MLP mlp{depth}-{activation}-{init}[-bn], "
+                                                                  "e.g. mlp20-sigmoid-default",
     r"(resnet|plain)(\d+)": "CIFAR ResNet / plain CNN of depth 6n+2, e.g. resnet20, plain56",
     r"(rnn|lstm|gru)-(rows|pixels)": "recurrent reader of an image, e.g. lstm-rows, rnn-pixels",
 }
