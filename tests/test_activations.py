@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import gradscope
-from conftest import rel_close
+from conftest import rel_close, train_loop
 from gradscope.bench.models import deep_mlp
 
 N_UNITS, DEAD = 16, [2, 5, 11]
@@ -263,41 +263,33 @@ def test_update_to_weight_ratio_matches_the_optimizer_step():
     scope.detach()
 
 
-def run_steps(model, x_fn, loss_fn, watch_kwargs=None, steps=6):
-    torch.manual_seed(1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    scope = gradscope.watch(model, **watch_kwargs) if watch_kwargs is not None else None
-    losses = []
-    for _ in range(steps):
-        x, y = x_fn()
-        loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        if scope is not None:
-            scope.step()
-        opt.step()
-        losses.append(loss.detach().clone())
-    if scope is not None:
-        scope.detach()
-    return losses, [p.detach().clone() for p in model.parameters()]
+def images(n):
+    return lambda: (torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)))
 
 
-@pytest.mark.parametrize("make,x_fn", [
-    (lambda: torchvision.models.resnet18(num_classes=10),
-     lambda: (torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))),
-    (lambda: SeqClassifier(nn.LSTM, embed=False),
-     lambda: (torch.randn(4, 15, 6), torch.randint(0, 2, (4,)))),
-    (lambda: nn.Sequential(FunctionalRelu(), nn.Tanh(), nn.Linear(N_UNITS, 3)),
-     lambda: (torch.randn(8, 8), torch.randint(0, 3, (8,)))),
-])
-def test_full_monitoring_changes_nothing_bitwise(make, x_fn):
+BITWISE_MODELS = {  # name: (model, batch)
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), images(4)),  # BN, in-place ReLUs called twice
+    "mlp-dropout": (lambda: nn.Sequential(deep_mlp(8, 64, "relu"), nn.Dropout(0.3)), images(8)),  # RNG stream
+    "lstm": (lambda: SeqClassifier(nn.LSTM), lambda: (torch.randn(4, 15, 6), torch.randint(0, 2, (4,)))),
+    "functional": (lambda: nn.Sequential(FunctionalRelu(), nn.Tanh(), nn.Linear(N_UNITS, 3)),
+                   lambda: (torch.randn(8, 8), torch.randint(0, 3, (8,)))),
+}
+
+
+@pytest.mark.parametrize("options", [{}, {"update_ratio": True, "dead_window": 8}], ids=["default", "full"])
+@pytest.mark.parametrize("name", list(BITWISE_MODELS))
+def test_observing_changes_nothing_bitwise(name, options):
+    """The same seeded run twice, once watched: the losses and the final parameters are bitwise equal."""
+    make, batch = BITWISE_MODELS[name]
     torch.manual_seed(0)
     model = make()
     twin = copy.deepcopy(model)
-    plain = run_steps(model, x_fn, F.cross_entropy)
-    watched = run_steps(twin, x_fn, F.cross_entropy, {"update_ratio": True, "dead_window": 8})
-    assert all(torch.equal(a, b) for a, b in zip(plain[0], watched[0]))
-    assert all(torch.equal(a, b) for a, b in zip(plain[1], watched[1]))
+    kw = dict(lr=0.05, momentum=0.9, seed=1)
+    plain = train_loop(model, batch, 6, **kw)
+    seen = train_loop(twin, batch, 6, watch=options, **kw)
+    assert len(seen.scope.history) == 6
+    assert all(torch.equal(a, b) for a, b in zip(plain.losses, seen.losses))
+    assert all(torch.equal(a, b) for a, b in zip(plain.params, seen.params))
 
 
 def test_activation_state_is_O_units_and_profiles_round_trip(tmp_path):

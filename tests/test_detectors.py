@@ -2,7 +2,6 @@
 
 import logging
 import math
-import statistics
 
 import pytest
 import torch
@@ -11,13 +10,13 @@ import torchvision
 from torch import nn
 
 import gradscope
-from conftest import train_watched
+from conftest import train_loop
 from gradscope.alerts import Alert, AlertBook
 from gradscope.bench.models import deep_mlp
 
 
 def train(model, steps, batch=lambda: (torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))), lr=0.01, **kw):
-    return train_watched(model, steps, batch, lr, **kw)
+    return train_loop(model, batch, steps, lr=lr, watch=kw).scope
 
 
 def test_deep_sigmoid_mlp_at_default_init_is_flagged_vanishing_on_early_layers():
@@ -38,7 +37,8 @@ def test_relu_kaiming_mlp_and_resnets_raise_no_alert():
     scope = train(deep_mlp(20, 128, "relu", "kaiming"), 5)
     assert scope.alerts == []
     assert 0.5 < scope.decay_factor() < 2
-    scope = train(torchvision.models.resnet18(num_classes=10), 3)
+    scope = train(torchvision.models.resnet18(num_classes=10), 3,
+                  lambda: (torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))))
     assert scope.alerts == []
 
 

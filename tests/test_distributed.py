@@ -47,6 +47,9 @@ def batches(rank):
 
 
 def worker(rank, world, init_file, out_dir):
+    """Both checks in one process group (each spawn starts two interpreters that import torch): first DDP with a scope
+    on every rank; then a scope on rank 0 only, on a model that is not DDP-wrapped (an evaluation model, say), which
+    must not reduce."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: no dependence on how the hostname resolves
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -63,13 +66,38 @@ def worker(rank, world, init_file, out_dir):
         scope.save(f"{out_dir}/rank{rank}.jsonl")
         scope.detach()
         dist.barrier()  # neither rank tears its connections down while the other still uses them
+
+        if rank == 0:
+            model = make_model()
+            scope = gradscope.watch(model)
+            x, y = batches(0)[0]
+            F.cross_entropy(model(x), y).backward()
+            scope.step()  # would wait forever for rank 1 if it reduced
+            scope.save(f"{out_dir}/solo.jsonl")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def test_two_ranks_agree_with_one_process_on_the_union(tmp_path):
-    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [gradscope.load(tmp_path / f"rank{r}.jsonl") for r in (0, 1)]
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The saved logs of ``worker`` on 2 processes, and whether the solo phase hung (then the processes are killed)."""
+    out = tmp_path_factory.mktemp("ddp")
+    ctx = mp.spawn(worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=False)
+    deadline = None
+    while not ctx.join(timeout=2):
+        if deadline is None and all((out / f"rank{r}.jsonl").exists() for r in (0, 1)):
+            deadline = time.monotonic() + 120  # the DDP phase is done: the solo phase takes a fraction of a second
+        if deadline is not None and time.monotonic() > deadline:  # a reducing scope waits for rank 1 forever
+            for proc in ctx.processes:
+                proc.kill()
+            return out, True
+    return out, False
+
+
+def test_two_ranks_agree_with_one_process_on_the_union(two_ranks):
+    out, _ = two_ranks
+    ranks = [gradscope.load(out / f"rank{r}.jsonl") for r in (0, 1)]
 
     model = make_model()  # one process, each step on both ranks' batches: the same mean loss, the same updates
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -82,7 +110,6 @@ def test_two_ranks_agree_with_one_process_on_the_union(tmp_path):
         opt.step()
 
     keys = ("dead_fraction", "dead_units", "fire_rate", "saturation", "mean_output", "grad_norm", "backprop_signal")
-    print("\nstep  site  key              rank 0        rank 1        one process (union)")
     for step in range(STEPS):
         want = scope.history[step].layers
         got0, got1 = ranks[0].history[step].layers, ranks[1].history[step].layers
@@ -94,13 +121,12 @@ def test_two_ranks_agree_with_one_process_on_the_union(tmp_path):
                 if key not in st:
                     continue
                 a, b, w = got0[layer][key], got1[layer][key], st[key]
-                assert a == b, (step, layer, key)  # every rank reports the same numbers
-                assert a == pytest.approx(w, rel=1e-5, abs=1e-9), (step, layer, key)
-                if layer == "1" or key == "backprop_signal" and layer == "2":
-                    print(f"{step:>4}  {layer:>4}  {key:<15} {a:<13.6g} {b:<13.6g} {w:.6g}")
+                where = f"step {step}, site {layer}, {key}: rank 0 {a:.6g}, rank 1 {b:.6g}, one process {w:.6g}"
+                assert a == b, where  # every rank reports the same numbers
+                assert a == pytest.approx(w, rel=1e-5, abs=1e-9), where
     # unit 5 never fires on rank 0's data but does on rank 1's: not dead, since dead means dead on every rank's data
     assert ranks[0].latest()["1"]["dead_units"] == 4 and scope.dead_units()["1"].tolist() == [0, 1, 2, 3]
-    assert all(math.isfinite(v) for v in (ranks[0].latest()["2"]["backprop_signal"],))
+    assert math.isfinite(ranks[0].latest()["2"]["backprop_signal"])
     scope.detach()
 
 
@@ -116,10 +142,10 @@ def torchrun(args, cwd):
     return proc
 
 
-def test_gradscope_compare_under_torchrun(tmp_path):
+def test_gradscope_compare_under_torchrun(tmp_path, cifar_root):
     proc = torchrun(["-m", "gradscope.cli", "compare", "--models", "mlp3-relu-kaiming", "plain8", "--steps", "4",
                      "--subset", "64", "--test-subset", "32", "--batch-size", "16", "--device", "cpu", "--out",
-                     str(tmp_path), "--no-progress"], tmp_path)
+                     str(tmp_path), "--no-progress", "--data-dir", str(cifar_root)], tmp_path)
     assert "DDP over 2 processes (16 images each per step)" in proc.stdout
     assert proc.stdout.count("gradscope compare:") == 1  # the table, from rank 0 only
     (out,) = [p for p in tmp_path.iterdir() if p.is_dir()]  # one output directory, named by rank 0
@@ -128,37 +154,16 @@ def test_gradscope_compare_under_torchrun(tmp_path):
     assert '"processes": 2' in (out / "plain8" / "config.json").read_text()
 
 
-def test_cifar10_runner_under_torchrun(tmp_path):
+def test_cifar10_runner_under_torchrun(tmp_path, cifar_root):
     proc = torchrun([str(ROOT / "examples/train_cifar10.py"), "--model", "plain20", "--steps", "3",
-                     "--batch-size", "16", "--subset", "64", "--device", "cpu"], tmp_path)
+                     "--batch-size", "16", "--subset", "64", "--device", "cpu", "--data-dir", str(cifar_root)],
+                    tmp_path)
     assert "DDP over 2 processes" in proc.stdout
     assert proc.stdout.count("gradscope summary: CifarResNet") == 1  # rank 0 prints, once
     assert "layer1.0.relu2" in proc.stdout and "module." not in proc.stdout  # the user's names, not DDP's
 
 
-def solo_worker(rank, world, init_file, out_dir):
-    """A scope on rank 0 only, on a model that is not DDP-wrapped (an evaluation model, say): it must not reduce."""
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        if rank == 0:
-            model = make_model()
-            scope = gradscope.watch(model)
-            x, y = batches(0)[0]
-            F.cross_entropy(model(x), y).backward()
-            scope.step()  # would wait forever for rank 1 if it reduced
-            scope.save(f"{out_dir}/solo.jsonl")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def test_a_scope_on_one_rank_only_does_not_reduce(tmp_path):
-    ctx = mp.spawn(solo_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:  # a reducing scope would wait for rank 1 forever: fail, do not hang
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the scope on rank 0 waited for rank 1: it reduced across ranks")
-    assert gradscope.load(tmp_path / "solo.jsonl").history.steps == [0]
+def test_a_scope_on_one_rank_only_does_not_reduce(two_ranks):
+    out, hung = two_ranks
+    assert not hung, "the scope on rank 0 waited for rank 1: it reduced across ranks"
+    assert gradscope.load(out / "solo.jsonl").history.steps == [0]

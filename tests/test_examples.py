@@ -1,48 +1,97 @@
-"""Every example script runs end to end (tiny sizes)."""
+"""Every example script runs end to end (tiny sizes), each in an interpreter of its own.
 
+The four scripts start together when the first test here needs one (most of each run is the interpreter importing
+torch, one core's work: two run side by side on two cores), one thread each; every test then waits for its own script
+and checks its output.
+"""
+
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import gradscope
+from gradscope.bench.data import find_cifar10_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_wrap_training_loop_example(tmp_path):
-    log = tmp_path / "run.jsonl"
-    proc = subprocess.run([sys.executable, str(ROOT / "examples/wrap_training_loop.py"), "--steps", "4", "--depth", "8",
-                           "--batch-size", "32", "--save", str(log)], capture_output=True, text=True, timeout=300)
+class Background:
+    """A script started in the background, one thread (``OMP_NUM_THREADS=1``), its output going to files in
+    ``folder`` (no pipe to fill up while it waits)."""
+
+    def __init__(self, argv, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.out, self.err = folder, folder / "stdout.txt", folder / "stderr.txt"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, *map(str, argv)], stdout=out, stderr=err, text=True,
+                                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def result(self, timeout=300) -> subprocess.CompletedProcess:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        return subprocess.CompletedProcess(self.proc.args, code, self.out.read_text(), self.err.read_text())
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def scripts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("examples")
+    argvs = {
+        "wrap": [ROOT / "examples/wrap_training_loop.py", "--steps", "4", "--depth", "8", "--batch-size", "32",
+                 "--save", folder / "wrap/run.jsonl"],
+        "audit": [ROOT / "scripts/audit_models.py", "--batch-size", "16", "--depth", "6"],
+        "activations": [ROOT / "examples/activation_diagnostics.py", "--steps", "3", "--batch-size", "16"],
+    }
+    cifar = find_cifar10_folder()  # the test itself skips without it
+    if cifar is not None:
+        argvs["cifar10"] = [ROOT / "examples/train_cifar10.py", "--model", "plain20", "--steps", "3",
+                            "--batch-size", "16", "--subset", "64", "--data-dir", cifar]
+    started = {name: Background(argv, folder / name) for name, argv in argvs.items()}
+    yield started
+    for script in started.values():
+        script.stop()
+
+
+def test_wrap_training_loop_example(scripts):
+    proc = scripts["wrap"].result()
     assert proc.returncode == 0, proc.stderr
     assert "gradscope summary" in proc.stdout and "average factor per layer" in proc.stdout
-    run = gradscope.load(log)
+    run = gradscope.load(scripts["wrap"].folder / "run.jsonl")
     assert run.history.steps == [0, 1, 2, 3]
 
 
-def test_audit_models_script():
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts/audit_models.py"), "--batch-size", "16", "--depth", "6"],
-                          capture_output=True, text=True, timeout=300)
+def test_audit_models_script(scripts):
+    proc = scripts["audit"].result()
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith(("mlp", "resnet"))}
     assert len(lines) == 10
     assert "vanishing" in lines["mlp6-sigmoid-default"] and lines["resnet18"].endswith("none")
 
 
-def test_activation_diagnostics_example():
-    proc = subprocess.run([sys.executable, str(ROOT / "examples/activation_diagnostics.py"), "--steps", "3",
-                           "--batch-size", "16"], capture_output=True, text=True, timeout=300)
+def test_activation_diagnostics_example(scripts):
+    proc = scripts["activations"].result()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("dead fraction (%) per ReLU call site") == 2
     assert all(name in proc.stdout for name in ("RNN ", "LSTM ", "LSTM-fb1", "GRU "))
 
 
-def test_train_cifar10_example():
-    proc = subprocess.run([sys.executable, str(ROOT / "examples/train_cifar10.py"), "--model", "plain20", "--steps", "3",
-                           "--batch-size", "16", "--subset", "64"], capture_output=True, text=True, timeout=300)
+def test_train_cifar10_example(cifar_root, scripts):
+    proc = scripts["cifar10"].result()
     assert proc.returncode == 0, proc.stderr
     assert "gradscope summary: CifarResNet" in proc.stdout and "layer1.0.relu2" in proc.stdout
 
 
+@pytest.mark.slow  # ~14 s on 2 cores: the script starts a child interpreter per model to measure peak memory
 def test_overhead_benchmark_script_runs_tiny():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench_overhead.py"), "--models", "mlp20", "lstm",
                            "--steps", "2", "--rounds", "1", "--warmup", "1", "--batch-size", "4", "--growth", "5",

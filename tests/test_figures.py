@@ -5,13 +5,12 @@ import re
 import matplotlib
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 matplotlib.use("Agg")
 
 import gradscope  # noqa: E402
-from conftest import train_watched  # noqa: E402
+from conftest import train_loop  # noqa: E402
 from gradscope import figures, report  # noqa: E402
 from gradscope.bench import compare  # noqa: E402
 from gradscope.bench.models import SequenceClassifier, deep_mlp  # noqa: E402
@@ -31,7 +30,7 @@ class Mixed(nn.Module):
 
 
 def trained(model, x_fn, steps=6):
-    return train_watched(model, steps, x_fn, lr=0.05, dead_window=16)
+    return train_loop(model, x_fn, steps, lr=0.05, watch={"dead_window": 16}).scope
 
 
 @pytest.fixture(scope="module")

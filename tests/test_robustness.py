@@ -1,6 +1,5 @@
 """Cases found in review: AMP overflow paths, leaks, partial failures, zero-initialised models, odd outputs."""
 
-import copy
 import gc
 import math
 import weakref
