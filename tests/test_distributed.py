@@ -142,6 +142,7 @@ def torchrun(args, cwd):
     return proc
 
 
+@pytest.mark.slow  # a torchrun launch of a whole script (~8 s each); the library's DDP is tested above
 def test_gradscope_compare_under_torchrun(tmp_path, cifar_root):
     proc = torchrun(["-m", "gradscope.cli", "compare", "--models", "mlp3-relu-kaiming", "plain8", "--steps", "4",
                      "--subset", "64", "--test-subset", "32", "--batch-size", "16", "--device", "cpu", "--out",
@@ -154,6 +155,7 @@ def test_gradscope_compare_under_torchrun(tmp_path, cifar_root):
     assert '"processes": 2' in (out / "plain8" / "config.json").read_text()
 
 
+@pytest.mark.slow  # a torchrun launch of a whole script (~8 s each); the library's DDP is tested above
 def test_cifar10_runner_under_torchrun(tmp_path, cifar_root):
     proc = torchrun([str(ROOT / "examples/train_cifar10.py"), "--model", "plain20", "--steps", "3",
                      "--batch-size", "16", "--subset", "64", "--device", "cpu", "--data-dir", str(cifar_root)],
