@@ -42,7 +42,7 @@ class Context:
     Attributes:
         has_norm: the model has normalisation layers (BatchNorm, LayerNorm, RMSNorm, ...); None when unknown (a
             detector used without a scope): a remedy then never recommends adding them.
-        has_residual: the model has residual connections (see :func:`gradscope.scope.has_residual`); None: unknown.
+        has_residual: the model has residual connections (see :func:`gradscope.anatomy.has_residual`); None: unknown.
         optimizer: class name of the optimizer when the scope knows it (``watch(..., optimizer=...)``), else None.
         adaptive: whether that optimizer normalises updates per parameter (Adam family, RMSprop, Adagrad); None when
             the optimizer is unknown.
@@ -523,7 +523,7 @@ class Saturation:
     8% or less of the activation's maximum derivative. Glorot & Bengio (2010) saw the top hidden sigmoid layer of a
     deep net driven to 0 early in training: this is the alert that catches it. Gates (squeeze-excite, attention or
     LSTM-style sigmoids) and the tanh/sigmoid inside another activation (GELU's tanh approximation, SiLU) are measured
-    but never alert: the layer table marks them with a ``role`` (see :func:`gradscope.scope.activation_role`).
+    but never alert: the layer table marks them with a ``role`` (see :func:`gradscope.anatomy.activation_role`).
     """
 
     threshold: float = 0.5

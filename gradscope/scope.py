@@ -18,7 +18,6 @@ from torch import nn
 from . import _torch
 from .alerts import Alert, AlertBook
 from .anatomy import activation_role, detector_context, trainable_params, unwrap
-from .anatomy import has_norm, has_residual  # noqa: F401  (gradscope.scope.has_norm: where they were first)
 from .build import build_record
 from .collect import Collector
 from .detectors import detector_settings

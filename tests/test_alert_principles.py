@@ -19,7 +19,7 @@ import gradscope.alerts
 from gradscope.detectors import Context, Exploding, output_side_reference
 from gradscope.bench.models import cifar_resnet, deep_mlp
 from gradscope.record import StepRecord, signal_profile
-from gradscope.scope import has_norm, has_residual
+from gradscope.anatomy import has_norm, has_residual
 
 
 class Branch(nn.Module):
