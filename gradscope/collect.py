@@ -166,12 +166,15 @@ def _owner(fn):
     return getattr(getattr(fn, "func", fn), "__self__", None)
 
 
-
-
 def _note_backward(collector_ref, param) -> None:
     collector = collector_ref()
     if collector is not None:
         collector._backward_flag = True
+
+
+def _grad_moved(g, mark) -> bool:
+    """Whether ``.grad`` ``g`` is new or changed since ``mark`` (see :func:`_grad_mark`) was taken."""
+    return g is not None and (mark is None or mark[0]() is not g or mark[1] != g._version)
 
 
 def _grad_mark(p: Tensor):
@@ -230,7 +233,6 @@ class Collector:
         self._fwd = _ForwardState()
         self.functional = functional
         self._handles: list = []
-        self._grad_hooks: dict = {}  # call site -> its tensor hook (made once)
         self._params = params
         self._grad_marks = [None] * len(params)
         self._backward_flag = False  # set by parameter hooks, when watch_backward() added them
@@ -288,8 +290,7 @@ class Collector:
     def grad_changed(self, i: int) -> bool:
         """Whether the ``i``-th parameter's ``.grad`` is new or changed since the last step closed (a ``.grad`` no
         backward pass touched is last step's, left unzeroed, or an orphaned module's)."""
-        g, mark = self._params[i].grad, self._grad_marks[i]
-        return g is not None and (mark is None or mark[0]() is not g or mark[1] != g._version)
+        return _grad_moved(self._params[i].grad, self._grad_marks[i])
 
     @property
     def armed(self) -> bool:
@@ -383,11 +384,7 @@ class Collector:
     def backward_seen(self) -> bool:
         if self._backward_flag:
             return True
-        for p, mark in zip(self._params, self._grad_marks):
-            g = p.grad
-            if g is not None and (mark is None or mark[0]() is not g or mark[1] != g._version):
-                return True
-        return False
+        return any(_grad_moved(p.grad, mark) for p, mark in zip(self._params, self._grad_marks))
 
     def mark_grads(self) -> None:
         """Remember every parameter's ``.grad`` as it is now: the next :attr:`backward_seen` compares with this."""

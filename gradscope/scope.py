@@ -249,7 +249,7 @@ class Scope(Run):
         if not self.attached:
             raise RuntimeError("this scope is detached; call gradscope.watch(model) again to keep monitoring")
         check_scaler(scaler)
-        if not self._collector.backward_seen and not (self._follow_params() and self._collector.backward_seen):
+        if not self._backward_ran():
             raise RuntimeError("scope.step() was called with no backward pass since the last step: call "
                                "loss.backward() before scope.step(), once per optimizer step")
         if loss is not None:
@@ -360,6 +360,12 @@ class Scope(Run):
                                          for pname, lname, p in self._params]
         return any(table.get(leaf) is not p for table, leaf, p in slots)
 
+    def _backward_ran(self) -> bool:
+        """Whether a backward pass reached the parameters since the last step; when none seems to have, the model's
+        parameters may have been replaced (then they are followed and asked again)."""
+        c = self._collector
+        return c.backward_seen or (self._follow_params() and c.backward_seen)
+
     def _follow_params(self) -> bool:
         """Follow the model's parameters if they were replaced (``load_state_dict(..., assign=True)`` or a parameter
         attribute set anew): the scope tracks the new objects from now on. Returns whether they were."""
@@ -379,7 +385,7 @@ class Scope(Run):
         return True
 
     def _on_optimizer_step(self, optimizer, args, kwargs):
-        if not self._collector.backward_seen and not (self._follow_params() and self._collector.backward_seen):
+        if not self._backward_ran():
             if not self._warned_no_backward:
                 warnings.warn("gradscope: optimizer.step() ran with no backward pass since the last step; that step is "
                               "not recorded", RuntimeWarning, stacklevel=3)
