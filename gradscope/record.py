@@ -25,6 +25,7 @@ JSON has no NaN or infinity, so non-finite statistics are written as ``null`` an
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -296,7 +297,7 @@ class LogStream:
         self._f = open(self.path, "x", encoding="utf-8")
         self.steps = 0
         self.alerts = 0
-        self._meta_seen = None  # the layer table (and unmonitored list) objects the last meta line was written from
+        self._meta_seen = None  # (layer table object, the other meta items) the last meta line was written from
 
     @property
     def closed(self) -> bool:
@@ -305,10 +306,7 @@ class LogStream:
     def write(self, meta: dict, record: StepRecord, alerts: list[Alert]) -> None:
         """Append one collected step and the alerts it raised (and a meta line first if the layer table changed)."""
         buf = io.StringIO()
-        seen = (meta.get("layers"), meta.get("unmonitored"))
-        if self._meta_seen is None or any(a is not b for a, b in zip(seen, self._meta_seen)):
-            _write(buf, {"type": "meta", **meta})
-            self._meta_seen = seen
+        self._write_meta(buf, meta)
         _write_record(buf, record)
         for a in alerts:
             _write(buf, {"type": "alert", **a.to_dict()})
@@ -317,6 +315,14 @@ class LogStream:
         self._f.flush()
         self.steps += 1
         self.alerts += len(alerts)
+
+    def _write_meta(self, f, meta: dict) -> None:
+        """A meta line, if none was written yet or ``meta`` changed since (a new layer table, which the scope replaces
+        rather than edits, or any other item: ``unmonitored``, ``uncounted_passes``)."""
+        rest = {k: v for k, v in meta.items() if k != "layers"}
+        if self._meta_seen is None or meta.get("layers") is not self._meta_seen[0] or rest != self._meta_seen[1]:
+            _write(f, {"type": "meta", **meta})
+            self._meta_seen = (meta.get("layers"), copy.deepcopy(rest))
 
     def abandon(self) -> None:
         """Close the file without an end line (a write failed: what is there loads with ``partial=True``)."""
@@ -329,9 +335,8 @@ class LogStream:
         if self._f.closed:
             return
         try:
-            if meta is not None and (self._meta_seen is None or any(
-                    a is not b for a, b in zip((meta.get("layers"), meta.get("unmonitored")), self._meta_seen))):
-                _write(self._f, {"type": "meta", **meta})
+            if meta is not None:
+                self._write_meta(self._f, meta)
             _write(self._f, {"type": "end", "steps": self.steps, "alerts": self.alerts})
             self._f.flush()
             os.fsync(self._f.fileno())

@@ -713,3 +713,16 @@ def test_a_scope_says_how_to_keep_its_records_instead_of_pickling():
     with pytest.raises(TypeError, match=r"scope.save\(path\)"):
         pickle.dumps(scope)
     scope.detach()
+
+
+def test_a_streamed_log_keeps_meta_items_that_change_mid_run(tmp_path):
+    model = relu_net()
+    scope = gradscope.watch(model, log_to=tmp_path / "run.jsonl")
+    x = torch.randn(8, 4)
+    model(x).sum().backward()
+    scope.step()  # the first meta line: no uncounted passes yet
+    with pytest.warns(RuntimeWarning, match="beyond the 64 kept for one"):
+        sum(model(x).sum() for _ in range(70)).backward()
+        scope.step()
+    scope.detach()
+    assert gradscope.load(tmp_path / "run.jsonl").meta["uncounted_passes"] == 70 - 64
