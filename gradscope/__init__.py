@@ -8,20 +8,24 @@ Two lines in an existing training loop::
     scope.step()          # statistics, alerts with remedies
     optimizer.step()
 
-Data flows one way: collect (hooks, :mod:`gradscope.collect`) -> statistics (:mod:`gradscope.stats`) -> detectors
-(:mod:`gradscope.detectors`) -> records (:mod:`gradscope.record`) -> rendering (:mod:`gradscope.render`).
+Data flows one way: hooks fill per-step buffers (:mod:`gradscope.collect`) -> a pure function builds the step record
+(:mod:`gradscope.build`, reading the statistics registry :mod:`gradscope.statistics`; ranks reduced by
+:mod:`gradscope.distributed`) -> detectors (:mod:`gradscope.detectors`) -> history and the run API
+(:mod:`gradscope.record`, :mod:`gradscope.run`) -> rendering (:mod:`gradscope.render`, :mod:`gradscope.figures`,
+:mod:`gradscope.report`). :class:`Scope` (:mod:`gradscope.scope`) owns the lifecycle and orchestrates.
+
+The names here are what a training script uses: attach (:func:`watch`, :func:`audit`), read (:class:`Run`,
+:func:`load`), and tune the alerts (the detectors). Everything else lives in its module: the record types in
+:mod:`gradscope.record`, the statistics in :mod:`gradscope.statistics`, the loggers in :mod:`gradscope.integrations`.
 """
 
 from .alerts import Alert, GradientError
-from .audit import AuditReport, audit
+from .audit import audit
 from .detectors import DeadUnits, Exploding, Nonfinite, Saturation, ThroughTime, Vanishing, default_detectors
-from .record import History, Run, StepRecord, load
-from .options import EXTRA_STATS
+from .run import Run, load
 from .scope import Scope, watch
-from .integrations.tensorboard import TensorBoardLogger
 
 __version__ = "0.1.0"
 
-__all__ = ["watch", "audit", "load", "Scope", "Run", "AuditReport", "StepRecord", "History", "Alert", "GradientError",
-           "Vanishing", "Exploding", "Nonfinite", "DeadUnits", "Saturation", "ThroughTime", "default_detectors",
-           "EXTRA_STATS", "TensorBoardLogger", "__version__"]
+__all__ = ["watch", "audit", "load", "Scope", "Run", "Alert", "GradientError",
+           "Vanishing", "Exploding", "Nonfinite", "DeadUnits", "Saturation", "ThroughTime", "default_detectors"]

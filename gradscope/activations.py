@@ -57,28 +57,30 @@ def unit_dim(ndim: int) -> int:
     return 1
 
 
-_ONES: dict = {}
-
-
-def _ones_row(n: int, device: torch.device) -> Tensor:
-    """A cached ``(1, n)`` row of ones (a plain dict: ``torch.compile`` traces through it without a warning)."""
+def _ones_row(n: int, device: torch.device, cache: dict | None) -> Tensor:
+    """A ``(1, n)`` row of ones, kept in ``cache`` (the caller's: a plain dict, which ``torch.compile`` traces
+    through without a warning) when one is given."""
+    if cache is None:
+        return torch.ones(1, n, device=device)
     key = (n, device)
-    ones = _ONES.get(key)
+    ones = cache.get(key)
     if ones is None:
-        if len(_ONES) > 64:
-            _ONES.clear()
-        ones = _ONES[key] = torch.ones(1, n, device=device)
+        if len(cache) > 64:
+            cache.clear()
+        ones = cache[key] = torch.ones(1, n, device=device)
     return ones
 
 
-def fired_counts(out: Tensor, dim: int, check: bool = True) -> tuple[Tensor, Tensor | None, int]:
+def fired_counts(out: Tensor, dim: int, check: bool = True, ones: dict | None = None) \
+        -> tuple[Tensor, Tensor | None, int]:
     """Forward-side work of a ReLU-family site: ``(counts, check, n)``.
 
     counts: float32 ``(units,)``, on how many of the ``n`` samples each unit fired (any output > 0: any position of a
     conv channel, any step of a sequence). check (when asked for, else None): the float32 sum of the outputs,
     non-finite iff they hold NaN/Inf, the site's forward NaN check. ReLU outputs are >= 0, so a unit fired on a sample
     iff its summed outputs on that sample are > 0, and the count is ``ones @ sign(per-sample sums)``: two or three
-    ops, several times faster on CPU than ``count_nonzero``, ``amax`` or a column ``sum`` on such shapes.
+    ops, several times faster on CPU than ``count_nonzero``, ``amax`` or a column ``sum`` on such shapes. ``ones``:
+    a dict the caller owns (the collector's) that keeps the rows of ones between calls.
     """
     x = out.detach()
     if x.ndim <= 1:
@@ -94,7 +96,7 @@ def fired_counts(out: Tensor, dim: int, check: bool = True) -> tuple[Tensor, Ten
         fired = fired.float()  # counts above 256 are not exact in bfloat16
     if _autocast_on(fired.device.type):
         return fired.sum(0), total, n  # autocast would run the matmul in 16 bits
-    return (_ones_row(n, fired.device) @ fired).reshape(-1), total, n
+    return (_ones_row(n, fired.device, ones) @ fired).reshape(-1), total, n
 
 
 def _autocast_on(device_type: str) -> bool:

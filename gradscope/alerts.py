@@ -25,7 +25,8 @@ class Alert:
     """One diagnosis: a condition that started at ``step`` on ``layer``.
 
     Attributes:
-        kind: ``"vanishing"``, ``"exploding"`` or ``"nonfinite"`` (later detectors add kinds).
+        kind: the detector's kind: ``"nonfinite"``, ``"exploding"``, ``"vanishing"``, ``"vanishing_through_time"``,
+            ``"dead_units"``, ``"saturation"`` (a detector of your own names its own).
         layer: qualified module name (a call site such as ``"layer1.0.relu#2"`` for a second call).
         step: the step index at which the condition started.
         value: the measured quantity that crossed the threshold.

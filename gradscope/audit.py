@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .record import Run
+from .run import Run
 from .detectors import Vanishing, default_detectors
 from .scope import watch, watched_by
 

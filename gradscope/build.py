@@ -15,12 +15,13 @@ import torch
 
 from .activations import DeadUnitBank, through_time_summary
 from .collect import StepBuffers
-from .record import StepRecord
-from .stats import Transfer, max_abs, nonfinite_counts, nonzero_counts, norms, saturation_sums, sum_by_key
+from .record import LayerInfo, StepRecord
+from .statistics import FOLDS, MEASURES, STATISTICS
+from .stats import Transfer, nonfinite_counts, saturation_sums, sum_by_key
 
 
 def build_record(step: int, params: list, grads: list, buffers: StepBuffers, bank: DeadUnitBank, dead: list,
-                 table: list[dict], extra: frozenset, *, snapshot: list | None = None, scale_t=None,
+                 table: list[LayerInfo], extra: frozenset, *, snapshot: list | None = None, scale_t=None,
                  grads_unscaled: bool = False, loss=None, skipped: bool = False) -> tuple[StepRecord, float]:
     """The record of collected step ``step``, and what the ``.grad`` values were divided by (the loss scale, or 1).
 
@@ -38,16 +39,17 @@ def build_record(step: int, params: list, grads: list, buffers: StepBuffers, ban
     """
     weights = [p for _, _, p in params]
     tr = Transfer()
-    if grads:
-        tr.add("grad", norms(grads))
-        if "grad_max" in extra:
-            tr.add("max", max_abs(grads))
-        if "grad_zero_frac" in extra:
-            tr.add("nonzero", nonzero_counts(grads))
-        if "weight_norm" in extra:
-            tr.add("weight", norms(weights))
-        if snapshot is not None:
-            tr.add("update", norms(torch._foreach_sub([w.detach() for w in weights], snapshot)))
+    wanted = [s for s in STATISTICS.values() if s.reads and (not s.optional or s.name in extra)] if grads else []
+    measured = {}
+    for s in wanted:
+        for m in s.reads:  # in order: none after one that cannot be measured (update_ratio's before a first step)
+            if m not in measured:
+                measured[m] = MEASURES[m].compute(grads, weights, snapshot)
+                if measured[m] is not None:
+                    tr.add(("param", m), measured[m])
+            if measured[m] is None:
+                break
+    wanted = [s for s in wanted if all(measured.get(m) is not None for m in s.reads)]
     signal_sites = out_sites = ()
     sat_sites, sat_k, sat_tot, sat_numel = saturation_sums(buffers.saturation_parts)
     if buffers.signal_parts:
@@ -71,9 +73,6 @@ def build_record(step: int, params: list, grads: list, buffers: StepBuffers, ban
         tr.add(("time", site), profile)
     got = tr.fetch()  # the one transfer of this step
 
-    n = len(grads)
-    g_norm, g_max, g_nonzero = got.get("grad", []), got.get("max"), got.get("nonzero")
-    w_norm, upd = got.get("weight"), got.get("update")
     sig = dict(zip(signal_sites, got.get("signal", [])))
     sig.update({site: 0.0 for site in buffers.hooked if site not in sig})  # outputs no backward pass reached
     out_sum = dict(zip(out_sites, got.get("out", [])))
@@ -83,48 +82,34 @@ def build_record(step: int, params: list, grads: list, buffers: StepBuffers, ban
     scale = got["scale"][0] if scale_t is not None else 1.0
     grad_scale = 1.0 if scale_t is None or grads_unscaled else scale
 
-    bad = [k for k in range(n) if not math.isfinite(g_norm[k])]
+    # the parameters' statistics: each entry of ``wanted`` folds its measures per parameter, then per layer
+    raw = {m: [v / grad_scale for v in got[("param", m)]] if MEASURES[m].scaled else got[("param", m)]
+           for m in measured if ("param", m) in got}
+    g_norm = raw.get("grad_norm", [])
+    bad = [k for k, v in enumerate(g_norm) if not math.isfinite(v)]
     nonfinite = dict(zip(bad, nonfinite_counts([grads[k] for k in bad]))) if bad else {}
+    numels = [p.numel() for _, _, p in params]
 
+    each = [(s.name, FOLDS[s.per_layer].each(tuple(raw[m] for m in s.reads), numels)) for s in wanted]
     per_param = {}
-    agg = defaultdict(lambda: {"sq": 0.0, "numel": 0, "max": [], "zeros": 0.0, "nf": 0, "wsq": 0.0, "usq": 0.0})
-    for k, (pname, lname, p) in enumerate(params):
-        numel = p.numel()
-        gn = g_norm[k] / grad_scale
-        st = per_param[pname] = {"grad_norm": gn, "grad_rms": gn / math.sqrt(numel),
-                              "grad_nonfinite": nonfinite.get(k, 0)}
-        a = agg[lname]
-        a["sq"] += gn * gn
-        a["numel"] += numel
-        a["nf"] += nonfinite.get(k, 0)
-        if g_max is not None:
-            st["grad_max"] = g_max[k] / grad_scale
-            a["max"].append(st["grad_max"])
-        if g_nonzero is not None:
-            st["grad_zero_frac"] = (numel - g_nonzero[k]) / numel
-            a["zeros"] += numel - g_nonzero[k]
-        if w_norm is not None:
-            st["weight_norm"] = w_norm[k]
-            a["wsq"] += w_norm[k] * w_norm[k]
-        if upd is not None:
-            st["update_ratio"] = upd[k] / w_norm[k] if w_norm[k] > 0 else math.nan
-            a["usq"] += upd[k] * upd[k]
+    groups = defaultdict(list)
+    for k, (pname, lname, _) in enumerate(params):
+        per_param[pname] = {name: values[k] for name, values in each}
+        per_param[pname]["grad_nonfinite"] = nonfinite.get(k, 0)
+        groups[lname].append(k)
+
+    def fold(idx: list[int]) -> dict:  # a layer's values, from its parameters'
+        if len(idx) == 1:
+            return dict(per_param[params[idx[0]][0]])
+        n = [numels[k] for k in idx]
+        st = {s.name: FOLDS[s.per_layer].group(tuple([raw[m][k] for k in idx] for m in s.reads), n) for s in wanted}
+        st["grad_nonfinite"] = sum(nonfinite.get(k, 0) for k in idx)
+        return st
 
     layers = {}
     for e in table:
-        name, st = e["name"], {}
-        if name in agg:
-            a = agg[name]
-            gn = math.sqrt(a["sq"])
-            st.update(grad_norm=gn, grad_rms=gn / math.sqrt(a["numel"]), grad_nonfinite=a["nf"])
-            if g_max is not None:
-                st["grad_max"] = _nanmax(a["max"])
-            if g_nonzero is not None:
-                st["grad_zero_frac"] = a["zeros"] / a["numel"]
-            if w_norm is not None:
-                st["weight_norm"] = wn = math.sqrt(a["wsq"])
-                if upd is not None:
-                    st["update_ratio"] = math.sqrt(a["usq"]) / wn if wn > 0 else math.nan
+        name = e.name
+        st = fold(groups[name]) if name in groups else {}
         if name in sig:
             st["backprop_signal"] = math.sqrt(sig[name]) / scale
         if name in out_sum:
@@ -159,6 +144,3 @@ def build_record(step: int, params: list, grads: list, buffers: StepBuffers, ban
         info["loss"] = loss
     return StepRecord(step, layers, per_param, info), grad_scale
 
-
-def _nanmax(values: list[float]) -> float:
-    return math.nan if any(math.isnan(v) for v in values) else max(values)

@@ -227,6 +227,7 @@ class Collector:
         self.through_time: dict[str, TimeProfile] = {}
         self.broadcast_sites: set[str] = set()  # sigmoid/tanh sites whose output broadcasts over positions: gates
         self.saturation_eps = saturation_eps
+        self._ones: dict = {}  # rows of ones fired_counts() reuses, by (batch size, device)
         self.unit_dims = dict(unit_dims or {})
         self.module_kinds: dict[str, str] = {}
         self.inplace_modules: set[str] = set()
@@ -641,7 +642,7 @@ class Collector:
         """Record a ReLU/sigmoid/tanh output in the pass ``cur``; return the sum of the outputs (the site's forward
         NaN/Inf check), or None for a ReLU whose input was just checked."""
         if kind == "relu":
-            counts, total, n = fired_counts(out, self.unit_dims.get(site, unit_dim(out.ndim)), check)
+            counts, total, n = fired_counts(out, self.unit_dims.get(site, unit_dim(out.ndim)), check, self._ones)
             cur.dead_parts.append((site, counts, n))
             return total
         if out.ndim >= 4 and all(d == 1 for d in out.shape[2:]):
@@ -717,6 +718,7 @@ class Collector:
         self.attached = False
         self.reset()
         self.disarm()
+        self._ones.clear()
         for h in self._handles:
             h.remove()
         self._handles.clear()

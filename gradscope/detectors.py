@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .alerts import Alert
-from .record import StepRecord, _finite, signal_profile
+from .record import LayerInfo, StepRecord, _finite, signal_profile
 
 SATURATING = {"Sigmoid", "Tanh", "Hardsigmoid", "Hardtanh", "Softsign", "LogSigmoid", "F.sigmoid", "F.tanh"}
 RECURRENT = {"RNN", "RNNCell"}
@@ -77,32 +77,33 @@ def _check_positive(name: str, value, kind=(int, float)) -> None:
         raise ValueError(f"{name} must be {want}, got {value!r}")
 
 
-def _sites_with(record: StepRecord, layers: list[dict], key: str):
+def _sites_with(record: StepRecord, layers: list[LayerInfo], key: str):
     """``(name, stats, value)`` for each layer or call site whose statistic ``key`` is finite this step."""
     for e in layers:
-        stats = record.layers.get(e["name"], {})
+        stats = record.layers.get(e.name, {})
         value = stats.get(key)
         if _finite(value):
-            yield e["name"], stats, value
+            yield e.name, stats, value
 
 
-def _entry(layers: list[dict], name: str) -> dict:
-    return next((e for e in layers if e["name"] == name), {})
+def _module(layers: list[LayerInfo], name: str) -> str:
+    """The module class of layer ``name``, or "" when the table does not list it."""
+    return next((e.module for e in layers if e.name == name), "")
 
 
-def activation_after(layers: list[dict], name: str) -> str | None:
+def activation_after(layers: list[LayerInfo], name: str) -> str | None:
     """The module class of the first activation site after layer ``name`` in forward order, before the next
     parameterised layer (``"ReLU"``, ``"F.sigmoid"``, ...), or None."""
     seen = False
     for e in layers:
         if seen:
-            if e.get("params"):
+            if e.params:
                 return None
-            if e.get("role"):
+            if e.role:
                 continue  # a gate, or the tanh inside a GELU: not the layer's activation
-            if e.get("module") in SATURATING or e.get("module") in ("ReLU", "ReLU6", "F.relu"):
-                return e["module"]
-        elif e["name"] == name:
+            if e.module in SATURATING or e.module in ("ReLU", "ReLU6", "F.relu"):
+                return e.module
+        elif e.name == name:
             seen = True
     return None
 
@@ -111,10 +112,10 @@ ADAM_NOTE = ("(gradscope does not know the optimizer: under Adam-family optimize
              "normal-size update, so pass optimizer= to watch() to let it judge from the update)")
 
 
-def vanishing_hint(layers: list[dict], name: str, context: Context) -> str:
+def vanishing_hint(layers: list[LayerInfo], name: str, context: Context) -> str:
     """A remedy for a vanishing gradient at layer ``name``, from its own module, the activation after it and what
     the model already has."""
-    module = _entry(layers, name).get("module", "")
+    module = _module(layers, name)
     tips = []
     if module in RECURRENT:
         tips.append("use a gated recurrent layer (LSTM/GRU), clip gradients and initialise the recurrent weights "
@@ -185,7 +186,7 @@ class Vanishing:
         for name in ("ratio", "recovery", "output_side"):
             _check_positive(name, getattr(self, name))
 
-    def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+    def check(self, record: StepRecord, layers: list[LayerInfo]) -> list[Alert]:
         out: dict[str, Alert] = {}
         zero_now: set[str] = set()
         profile = signal_profile(record, layers)
@@ -231,19 +232,19 @@ class Vanishing:
                                   vanishing_hint(layers, name, ctx), "backprop_signal_ratio")
         self._held = held
         for e in layers:
-            stats = record.layers.get(e["name"], {})
+            stats = record.layers.get(e.name, {})
             rms = stats.get("grad_rms")
             # layers not called this step (an unused branch whose .grad was zeroed in place) have no signal: skip
-            if e.get("params") and rms == 0 and "backprop_signal" in stats and e["name"] not in out:
-                zero(e["name"], "grad_rms")
+            if e.params and rms == 0 and "backprop_signal" in stats and e.name not in out:
+                zero(e.name, "grad_rms")
         self._zero_before = zero_now
         return list(out.values())
 
 
-def exploding_hint(kind: str, layers: list[dict], name: str, context: Context) -> str:
+def exploding_hint(kind: str, layers: list[LayerInfo], name: str, context: Context) -> str:
     """A remedy for an exploding gradient: ``kind`` is ``"spike"`` (a jump in time), ``"depth"`` (growth towards the
     input) or ``"time"`` (growth back through a recurrent layer's time steps)."""
-    module = _entry(layers, name).get("module", "")
+    module = _module(layers, name)
     if kind == "spike":
         tips = ["lower the learning rate (or add warm-up)", "clip the gradient norm (torch.nn.utils.clip_grad_norm_)",
                 "check that step's batch for corrupt or unnormalised input data"]
@@ -309,7 +310,7 @@ class Exploding:
         self._norms = deque(maxlen=self.window)
         self._losses = deque(maxlen=self.window)
 
-    def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+    def check(self, record: StepRecord, layers: list[LayerInfo]) -> list[Alert]:
         out: dict = {}  # layer name (or (root, metric) for the whole-model spike) -> Alert
         ctx = self.context
         profile = signal_profile(record, layers)
@@ -343,7 +344,7 @@ class Exploding:
             out[(spike.layer, spike.metric)] = spike
         return list(out.values())
 
-    def _spike(self, record: StepRecord, layers: list[dict]) -> Alert | None:
+    def _spike(self, record: StepRecord, layers: list[LayerInfo]) -> Alert | None:
         """The instability check on the whole model; updates the history of norms and losses."""
         norms = layer_grad_norms(record, layers)
         total = global_grad_norm(norms)
@@ -387,10 +388,10 @@ class Exploding:
         return alert
 
 
-def layer_grad_norms(record: StepRecord, layers: list[dict]) -> dict[str, float]:
+def layer_grad_norms(record: StepRecord, layers: list[LayerInfo]) -> dict[str, float]:
     """``{layer: grad_norm}`` of the parameterised layers with a finite gradient norm this step."""
-    return {e["name"]: record.layers[e["name"]]["grad_norm"] for e in layers
-            if e.get("params") and _finite(record.layers.get(e["name"], {}).get("grad_norm"))}
+    return {e.name: record.layers[e.name]["grad_norm"] for e in layers
+            if e.params and _finite(record.layers.get(e.name, {}).get("grad_norm"))}
 
 
 def global_grad_norm(norms: dict[str, float]) -> float:
@@ -420,13 +421,13 @@ class Nonfinite:
     def __post_init__(self):
         _check_positive("overflow_patience", self.overflow_patience, int)
 
-    def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+    def check(self, record: StepRecord, layers: list[LayerInfo]) -> list[Alert]:
         if record.info.get("overflow"):
             return self._overflow(record, layers)
         self._streak = 0
         return self._locate(record, layers)
 
-    def _overflow(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+    def _overflow(self, record: StepRecord, layers: list[LayerInfo]) -> list[Alert]:
         self._streak += 1
         if self._streak < self.overflow_patience:
             return []
@@ -440,25 +441,25 @@ class Nonfinite:
             "in float32), lower the learning rate, check the inputs; torch.autograd.detect_anomaly() names the op.",
             "overflow_streak")]
 
-    def _locate(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+    def _locate(self, record: StepRecord, layers: list[LayerInfo]) -> list[Alert]:
         scaled = record.info.get("grad_scale", 1.0) != 1.0  # under a GradScaler, i.e. float16 mixed precision
         loss = record.info.get("loss")
         loss_bad = loss is not None and not math.isfinite(loss)
-        sites = [e for e in layers if e.get("profile")]
-        backward_bad = any(_backward_nonfinite(record.layers.get(e["name"], {})) for e in sites)
+        sites = [e for e in layers if e.profile]
+        backward_bad = any(_backward_nonfinite(record.layers.get(e.name, {})) for e in sites)
         for depth, e in enumerate(layers):  # all modules: a parameter-free wrapper can be where the NaN is made
-            st = record.layers.get(e["name"], {})
+            st = record.layers.get(e.name, {})
             # an infinite output with finite gradients and loss is legitimate (a -inf attention mask); NaN never is
             if st.get("output_nan") or (st.get("output_nonfinite") and (backward_bad or loss_bad)):
-                return [Alert(self.kind, e["name"], record.step, math.nan, 0.0,
+                return [Alert(self.kind, e.name, record.step, math.nan, 0.0,
                               "its forward output contains NaN/Inf, the first module in forward order to produce one.",
                               _forward_hint(e, depth == 0, scaled), "output_nonfinite")]
         for e in reversed(sites):
-            st = record.layers.get(e["name"], {})
+            st = record.layers.get(e.name, {})
             if _backward_nonfinite(st):
                 n = st.get("grad_nonfinite") or 0
                 what = f"{int(n)} NaN/Inf gradient entries" if n else "a NaN/Inf gradient at its output"
-                return [Alert(self.kind, e["name"], record.step, float(n), 0.0,
+                return [Alert(self.kind, e.name, record.step, float(n), 0.0,
                               f"it has {what}, the closest layer to the loss where NaN/Inf appears in the backward pass.",
                               "the backward pass made the NaN/Inf: check the loss for log(0), sqrt(0) or division by "
                               "zero (add an epsilon), lower the learning rate or clip gradients; "
@@ -471,14 +472,14 @@ class Nonfinite:
         return []
 
 
-def _forward_hint(entry: dict, first: bool, scaled: bool) -> str:
+def _forward_hint(entry: LayerInfo, first: bool, scaled: bool) -> str:
     tips = []
     if scaled:
         tips.append("under float16 mixed precision a value above 65504 overflows in the forward pass: use bfloat16 "
                     "autocast, or run this layer in float32, and normalise its inputs")
     if first:
         tips.append("it is the first layer: check the input data for NaN/Inf or huge values")
-    if entry.get("params"):
+    if entry.params:
         tips.append("check its parameters for NaN/Inf (torch.isfinite(p).all()): a NaN update or a corrupt checkpoint "
                     "puts them there; lower the learning rate or clip gradients")
     tips.append("torch.autograd.detect_anomaly() names the op")
@@ -500,7 +501,7 @@ class DeadUnits:
     kind: str = field(default="dead_units", init=False)
     context: Context = field(default_factory=Context, repr=False, compare=False)
 
-    def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+    def check(self, record: StepRecord, layers: list[LayerInfo]) -> list[Alert]:
         if any(st.get("output_nan") for st in record.layers.values()):
             return []  # NaN outputs count as "not fired": a NaN step says nothing about dead units (nonfinite does)
         hint = ("lower the learning rate (a large update pushes biases far negative); use LeakyReLU or GELU, which keep "
@@ -530,8 +531,8 @@ class Saturation:
     kind: str = field(default="saturation", init=False)
     context: Context = field(default_factory=Context, repr=False, compare=False)
 
-    def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
-        gates = {e["name"] for e in layers if e.get("role")}
+    def check(self, record: StepRecord, layers: list[LayerInfo]) -> list[Alert]:
+        gates = {e.name for e in layers if e.role}
         hint = ("use Xavier/Glorot initialisation for sigmoid/tanh, or smaller initial weights; normalise the inputs"
                 + (" and add BatchNorm/LayerNorm before the activation" if self.context.has_norm is False else "")
                 + "; prefer ReLU-family activations in hidden layers.")
@@ -547,7 +548,8 @@ class Saturation:
 class ThroughTime:
     """A recurrent layer forgets: its gradient does not reach most of its input steps.
 
-    Fires a ``"vanishing"`` alert when the through-time ratio (the mean gradient norm at the earliest 10% of input
+    Fires a ``"vanishing_through_time"`` alert (its own kind, so ``raise_on`` can tell it from depth's
+    ``"vanishing"``) when the through-time ratio (the mean gradient norm at the earliest 10% of input
     steps over that at the last 10%) is below ``ratio`` *and* the gradient reaches back (at 1e-3 of the last steps'
     level, see :func:`gradscope.activations.through_time_summary`) over less than ``reach`` of the sequence.
     Defaults: ``ratio=1e-3``, as for depth: the earliest inputs then influence learning a thousand times less than the
@@ -558,16 +560,16 @@ class ThroughTime:
 
     ratio: float = 1e-3
     reach: float = 0.25
-    kind: str = field(default="vanishing", init=False)
+    kind: str = field(default="vanishing_through_time", init=False)
 
-    def check(self, record: StepRecord, layers: list[dict]) -> list[Alert]:
+    def check(self, record: StepRecord, layers: list[LayerInfo]) -> list[Alert]:
         out = []
         for name, st, r in _sites_with(record, layers, "through_time_ratio"):
             steps = len(st.get("through_time", ())) or 1
             reach = int(st.get("through_time_reach", 0))
             if r >= self.ratio or reach >= self.reach * steps:
                 continue
-            module = _entry(layers, name).get("module", "")
+            module = _module(layers, name)
             if module in GATED:
                 hint = ("initialise the forget-gate bias to 1 (LSTM) so the cell keeps its memory, shorten the "
                         "sequences (truncated backpropagation, or read larger chunks per step), or add attention or "

@@ -1,7 +1,7 @@
-"""Figures (matplotlib, optional: ``pip install gradscope[plot]``). The core never imports this module.
+"""Figures (matplotlib, optional: ``pip install gradscope[plot]``; imported only when a figure is drawn).
 
-Every function takes a live :class:`~gradscope.Scope`, a loaded :class:`~gradscope.Run` or a path to a saved log
-(several, for the overlays), returns a ``matplotlib.figure.Figure`` and saves it when given ``path``.
+Every function takes a live :class:`~gradscope.Scope` or a loaded :class:`~gradscope.Run` (several, for the
+overlays; ``gradscope.load(path)`` reads a saved log), returns a ``matplotlib.figure.Figure`` and saves it when given ``path``.
 ``scope.plot(kind, ...)`` is the shortcut.
 
 Text that comes from the data (layer names, run labels) is drawn literally: a ``$`` never starts matplotlib mathtext.
@@ -16,13 +16,18 @@ import math
 import os
 
 from .detectors import output_side_reference, signal_profile, thresholds
-from .record import Run, _finite, load
+from typing import TYPE_CHECKING
+
+from .record import _finite
+
+if TYPE_CHECKING:
+    from .run import Run
 from .render import short_name
 
 # Okabe & Ito's colour-blind-safe palette.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 ALERT_COLOURS = {"vanishing": "#0072B2", "exploding": "#D55E00", "nonfinite": "#000000", "dead_units": "#CC79A7",
-                 "saturation": "#E69F00"}
+                 "saturation": "#E69F00", "vanishing_through_time": "#56B4E9"}
 NONFINITE_COLOUR = "#FF0000"
 NONFINITE_LABEL = "NaN/Inf (marked at the top)"
 
@@ -43,13 +48,15 @@ def _plt():
     return plt
 
 
-def as_run(source) -> Run:
-    """A Run from a Scope/Run (as is) or a path to a saved log."""
-    if isinstance(source, Run):
+def as_run(source):
+    """``source`` if it is a run (a live Scope or a loaded Run); a clear error for anything else, a path included."""
+    if hasattr(source, "history") and hasattr(source, "meta"):
         return source
     if isinstance(source, (str, os.PathLike)):
-        return load(source)
-    raise TypeError(f"expected a gradscope Scope, Run or path to a saved log, got {type(source).__name__}")
+        raise TypeError(f"figures draw a Scope or a loaded Run; for a saved log pass gradscope.load({os.fspath(source)!r})"
+                        " (or call .plot() on it)")
+    raise TypeError(f"expected a gradscope Scope or Run (gradscope.load(path) for a saved log), "
+                    f"got {type(source).__name__}")
 
 
 def _literal(text) -> str:
@@ -106,7 +113,7 @@ def _with_stat(source, stat: str):
     run = as_run(source)
     _need_steps(run)
     records = run.history.records()
-    names = [e["name"] for e in run.meta["layers"] if any(stat in r.layers.get(e["name"], {}) for r in records)]
+    names = [e.name for e in run.meta["layers"] if any(stat in r.layers.get(e.name, {}) for r in records)]
     return run, records, names
 
 
@@ -121,8 +128,8 @@ def gradient_flow(source, path=None, step: int | None = None):
         kept = run.history.steps
         raise ValueError(f"no collected step {step!r} in this run" + (f"; kept steps run from {kept[0]} to {kept[-1]}"
                                                                     if kept else " (nothing collected yet)"))
-    layers = [e for e in run.meta["layers"] if e.get("profile") and e["name"] in rec.layers]
-    names = [e["name"] for e in layers]
+    layers = [e for e in run.meta["layers"] if e.profile and e.name in rec.layers]
+    names = [e.name for e in layers]
     x = range(len(names))
     raw_sig = [rec.layers[n].get("backprop_signal") for n in names]
     raw_rms = [rec.layers[n].get("grad_rms") for n in names]

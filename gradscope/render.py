@@ -48,32 +48,32 @@ def format_summary(run, max_names: int = 8) -> str:
         lines.append("  (this step overflowed under the AMP grad scaler and was skipped by it)")
     profile = signal_profile(rec, layers)
     ref = output_side_reference(profile, thresholds(run.meta)["output_side"]) if profile else math.nan
-    rows = [e for e in layers if e.get("profile") or e["name"] in rec.layers and
-            ACTIVATION_STATS & rec.layers[e["name"]].keys()]
+    rows = [e for e in layers if e.profile or e.name in rec.layers and
+            ACTIVATION_STATS & rec.layers[e.name].keys()]
     extra = [(key, title, fmt) for key, title, fmt in OPTIONAL_COLUMNS
-             if any(key in rec.layers.get(e["name"], {}) for e in rows)]
+             if any(key in rec.layers.get(e.name, {}) for e in rows)]
     cols = f"{'layer':<{NAME_WIDTH}} {'module':<14} {'params':>9} {'grad_norm':>9} {'grad_rms':>9} " \
            f"{'signal':>9} {'sig/out':>8}" + "".join(f" {title:>{fmt[2]}}" for _, title, fmt in extra)
     lines += [cols, "-" * len(cols)]
     flagged = {a.layer for a in run.alerts}
     for e in rows:
-        st = rec.layers.get(e["name"], {})
+        st = rec.layers.get(e.name, {})
         sig = st.get("backprop_signal")
-        ratio = sig / ref if (e.get("params") and sig is not None and ref and math.isfinite(ref)) else None
-        mark = " !" if e["name"] in flagged else ""
+        ratio = sig / ref if (e.params and sig is not None and ref and math.isfinite(ref)) else None
+        mark = " !" if e.name in flagged else ""
         optional = "".join(f" {_num(_scaled(st.get(key), fmt), fmt[0]):>{fmt[2]}}"
                            for key, _, fmt in extra)
         lines.append(
-            f"{short_name(e['name']):<{NAME_WIDTH}} {e.get('module', '')[:14]:<14} {e.get('params', 0):>9,} "
+            f"{short_name(e.name):<{NAME_WIDTH}} {e.module[:14]:<14} {e.params:>9,} "
             f"{_num(st.get('grad_norm')):>9} {_num(st.get('grad_rms')):>9} {_num(sig):>9} {_num(ratio, '.1e'):>8}"
             f"{optional}{mark}")
     for e in layers:
-        st = rec.layers.get(e["name"], {})
+        st = rec.layers.get(e.name, {})
         if "through_time" in st:
             tt = list(st["through_time"])
             picks = sorted({0, len(tt) // 4, len(tt) // 2, 3 * len(tt) // 4, len(tt) - 1})
             shown = ", ".join(f"t={t}: {tt[t]:.1e}" for t in picks)
-            lines.append(f"gradient through time, {short_name(e['name'], 20)} ({len(tt)} steps): {shown}; earliest/last "
+            lines.append(f"gradient through time, {short_name(e.name, 20)} ({len(tt)} steps): {shown}; earliest/last "
                          f"{st['through_time_ratio']:.1e}, reaches back {int(st['through_time_reach'])} steps")
     lines.append("")
     if len(profile) >= 2:

@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from .record import Run, load
+from .run import Run, load
 
 
 def find_logs(arg: str) -> list[tuple[str, Path]]:

@@ -23,7 +23,8 @@ from .collect import Collector
 from .detectors import detector_settings
 from .distributed import rank, reduce_buffers, world_size
 from .options import check_options, check_scaler
-from .record import FORMAT, FORMAT_VERSION, History, LogStream, Run, StepRecord
+from .record import History, LayerInfo, StepRecord
+from .run import FORMAT, FORMAT_VERSION, LogStream, Run
 from .stats import _wide
 
 # Models currently watched, so a second watch() on the same model fails loudly instead of doubling every hook. Values
@@ -76,7 +77,7 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
             is seen, on every collected forward pass.
         update_ratio: record ||dw|| / ||w|| per layer and parameter: the size of the last optimizer update relative
             to the weights. Keeps one copy of the trainable parameters. Records ``weight_norm`` too.
-        extra_stats: descriptive statistics beyond the defaults, a subset of :data:`EXTRA_STATS` (``"grad_max"``,
+        extra_stats: descriptive statistics beyond the defaults, a subset of :data:`gradscope.options.EXTRA_STATS` (``"grad_max"``,
             ``"grad_zero_frac"``, ``"weight_norm"``) or ``"all"``. Each costs a full pass over every gradient or
             weight per collected step; the defaults (gradient norms, backprop signal, activation statistics) are what
             the detectors use.
@@ -497,30 +498,26 @@ class Scope(Run):
             info = self._module_info[mname]
             if site in c.functional_sites:  # "block:relu": a functional call inside block.forward
                 kind = c.functional_sites[site]
-                entries.append({"name": site, "module": f"F.{kind}", "params": 0, "profile": False})
+                module, params, profile = f"F.{kind}", 0, False
             else:
                 kind = c.module_kinds.get(mname)
-                entries.append({"name": site, "module": info["module"],
-                                "params": info["params"] if site == mname else 0,
-                                "profile": mname in c.profile_modules})
+                module, params, profile = info["module"], info["params"] if site == mname else 0, \
+                    mname in c.profile_modules
             role = activation_role(site, self.model.get_submodule(mname), kind, site in c.broadcast_sites)
-            if role:
-                entries[-1]["role"] = role
+            entries.append(LayerInfo(site, module, params, profile, role))
         for mname in self._param_layers:
             if mname in order:
                 continue
             # a parameterised module whose forward never runs (MultiheadAttention.out_proj: its weights are used
             # functionally by the parent) goes just before its closest called ancestor, which completes after it
-            entry = {"name": mname, "profile": True, **self._module_info[mname]}
-            parents = [i for i, e in enumerate(entries) if mname.startswith(order.get(e["name"], "\0") + ".")]
+            entry = LayerInfo(mname, self._module_info[mname]["module"], self._module_info[mname]["params"], True)
+            parents = [i for i, e in enumerate(entries) if mname.startswith(order.get(e.name, "\0") + ".")]
             if parents:
-                deepest = max(parents, key=lambda i: len(order[entries[i]["name"]]))
+                deepest = max(parents, key=lambda i: len(order[entries[i].name]))
                 entries.insert(deepest, entry)
             else:
                 entries.append(entry)
-        for depth, e in enumerate(entries):
-            e["depth"] = depth
-        self.meta["layers"] = entries
+        self.meta["layers"] = [dataclasses.replace(e, depth=depth) for depth, e in enumerate(entries)]
 
     def _collect(self, step: int, scaler, scale_t=None, skipped: bool = False) -> StepRecord:
         c = self._collector

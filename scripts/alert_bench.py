@@ -451,7 +451,7 @@ def cases() -> list[Case]:
              broken("56 conv-BN layers without shortcuts: BatchNorm amplifies the gradient towards the input at init "
                     "(Yang et al. 2019)", 0, ["exploding"], input_side, ["residual"])),
         Case("rnn-pixels", lambda: image_job(m := SequenceClassifier("rnn", "pixels"), sgd(m, 0.05, wd=0), 32), 12,
-             broken("a plain RNN over 1,024 pixel steps forgets the early ones", 0, ["vanishing"], "rnn",
+             broken("a plain RNN over 1,024 pixel steps forgets the early ones", 0, ["vanishing_through_time"], "rnn",
                     ["LSTM"], latency=20), True),
         Case("timm-resnet18-lr10", lambda: image_job(m := timm_model("resnet18"), sgd(m, 10.0)), 12,
              broken("learning rate 10: the loss diverges from the first update", 1, ["exploding"], None, LR), True, T),

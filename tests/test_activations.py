@@ -233,7 +233,7 @@ def test_vanilla_rnn_forgets_early_steps_and_is_flagged():
     st = scope.latest()["rnn"]
     assert st["through_time_ratio"] < 1e-6 and st["through_time_reach"] < 30
     alert = next(a for a in new if a.metric == "through_time_ratio")
-    assert alert.kind == "vanishing" and alert.layer == "rnn" and "through time" in alert.message
+    assert alert.kind == "vanishing_through_time" and alert.layer == "rnn" and "through time" in alert.message
     assert "LSTM" in alert.hint
     assert "gradient through time, rnn (100 steps)" in scope.summary()
     scope.detach()

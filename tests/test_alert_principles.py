@@ -18,7 +18,7 @@ import gradscope
 import gradscope.alerts
 from gradscope.detectors import Context, Exploding, output_side_reference
 from gradscope.bench.models import cifar_resnet, deep_mlp
-from gradscope.record import StepRecord, signal_profile
+from gradscope.record import LayerInfo, StepRecord, signal_profile
 from gradscope.anatomy import has_norm, has_residual
 
 
@@ -145,8 +145,7 @@ def test_thirty_sigmoid_layers_tiny_gradient_is_vanishing_not_exactly_zero():
 
 
 def test_sudden_growth_fires_and_smooth_growth_does_not():
-    layers = [{"name": "a", "module": "Linear", "params": 10, "profile": True},
-              {"name": "b", "module": "Linear", "params": 10, "profile": True}]
+    layers = [LayerInfo("a", "Linear", 10, True), LayerInfo("b", "Linear", 10, True)]
 
     def rec(step, a, b, loss=None):
         info = {} if loss is None else {"loss": loss}
@@ -178,7 +177,7 @@ def test_sudden_growth_fires_and_smooth_growth_does_not():
 
 
 def test_a_spike_is_reported_beside_a_layer_that_already_explodes_with_depth():
-    layers = [{"name": n, "module": "Linear", "params": 10, "profile": True} for n in "abcd"]
+    layers = [LayerInfo(n, "Linear", 10, True) for n in "abcd"]
 
     def rec(step, scale):  # a, b, c get > 1e3x the output side's signal (d): a depth condition on every step
         sig = {"a": 1e4, "b": 1e4, "c": 1e4, "d": 1.0}
@@ -280,7 +279,7 @@ def test_remedies_never_recommend_what_the_model_already_has():
     assert not has_norm(deep_mlp(4, 8))
     # a detector on its own (no scope) does not know what the model has, so it recommends neither
     assert Context().has_norm is None
-    lone = [{"name": "0", "module": "Linear", "params": 4, "profile": True}]
+    lone = [LayerInfo("0", "Linear", 4, True)]
     hint = gradscope.detectors.vanishing_hint(lone, "0", Context())
     assert "normalisation" not in hint and "residual" not in hint
     torch.manual_seed(0)
@@ -330,7 +329,7 @@ def test_through_time_hint_fits_the_recurrent_layer_it_names(cell):
     new = [a for a in scope.step() if a.metric == "through_time_ratio"]
     st = scope.latest()["rnn"]
     assert st["through_time_reach"] < 0.25 * 400 and st["through_time_ratio"] < 1e-3
-    assert len(new) == 1 and new[0].kind == "vanishing"
+    assert len(new) == 1 and new[0].kind == "vanishing_through_time"
     if cell is nn.RNN:
         assert "LSTM/GRU" in new[0].hint
     else:

@@ -5,12 +5,9 @@ import math
 import pickle
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 import gradscope
-from gradscope.bench.models import deep_mlp
-from gradscope.record import History, StepRecord
+from gradscope.record import History, LayerInfo, StepRecord
 
 
 def test_round_trip(run_file):
@@ -19,7 +16,9 @@ def test_round_trip(run_file):
     assert run.history.steps == scope.history.steps == [0, 2, 4]
     assert [a.to_dict() for a in run.alerts] == [a.to_dict() for a in scope.alerts]
     assert {a.kind for a in run.alerts} == {"vanishing", "nonfinite"}
-    assert run.meta == json.loads(json.dumps(scope.meta))
+    as_saved = lambda meta: {**meta, "layers": [e.to_dict() for e in meta["layers"]]}  # noqa: E731
+    assert as_saved(run.meta) == json.loads(json.dumps(as_saved(scope.meta)))
+    assert run.meta["layers"] == scope.meta["layers"] and all(isinstance(e, LayerInfo) for e in run.meta["layers"])
     for a, b in zip(scope.history, run.history):
         assert a.info == b.info
         for kind in ("layers", "params"):

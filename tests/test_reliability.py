@@ -114,15 +114,15 @@ def test_a_save_killed_half_way_leaves_the_previous_log_intact(run_file, monkeyp
     scope, path = run_file
     tmp_path = path.parent
     before = path.read_bytes()
-    calls = []
+    calls, real_write = [], gradscope.run._write
 
     def dying_write(f, obj):
         calls.append(obj["type"])
         if len(calls) == 5:
             raise KeyboardInterrupt  # the process is stopped in the middle of writing
-        f.write(json.dumps(obj) + "\n")
+        real_write(f, obj)
 
-    monkeypatch.setattr(gradscope.record, "_write", dying_write)
+    monkeypatch.setattr(gradscope.run, "_write", dying_write)
     with pytest.raises(KeyboardInterrupt):
         scope.save(path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["run.jsonl"]

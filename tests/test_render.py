@@ -9,7 +9,8 @@ from torch import nn
 import gradscope
 from gradscope.alerts import Alert
 from gradscope.detectors import thresholds
-from gradscope.record import History, Run, StepRecord
+from gradscope.record import History, StepRecord
+from gradscope.run import Run
 
 GOLDEN = """\
 gradscope summary: Net, step 7 (collected every 1), 3 layers/call sites, 1 alerts

@@ -268,7 +268,7 @@ def run(cfg: Config) -> tuple[Path, list[dict]]:
         writer.writerows(rows)
     print("\n" + header + "\n" + table + f"\n\nwritten to {out}/")
     try:  # figures and report.html when matplotlib is there (gradscope[plot] / [examples])
-        from ..record import load
+        from ..run import load
         from ..report import write_report
 
         page = write_report([(name, load(out / name / "gradscope.jsonl")) for name in cfg.models], out / "figures")
