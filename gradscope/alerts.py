@@ -111,6 +111,15 @@ class AlertBook:
             self.alerts.append(a)
         return new
 
+    def holding(self) -> dict[str, int]:
+        """``{kind: conditions}`` that held at the last update (episodes whose condition was reported then, or kept
+        by a partial update)."""
+        out: dict[str, int] = {}
+        for (kind, _), clear in self._clear_for.items():
+            if clear == 0:
+                out[kind] = out.get(kind, 0) + 1
+        return out
+
     def raise_if_needed(self, new: list[Alert]) -> None:
         fatal = [a for a in new if a.kind in self.raise_on]
         if fatal:

@@ -26,6 +26,7 @@ from .options import check_options, check_scaler
 from .record import History, LayerInfo, StepRecord
 from .run import FORMAT, FORMAT_VERSION, LogStream, Run
 from .stats import _wide
+from .verdict import HOLDING
 
 # Models currently watched, so a second watch() on the same model fails loudly instead of doubling every hook. Values
 # are weak too: a scope holds its model, so a strong value would keep a never-detached model alive forever.
@@ -447,6 +448,7 @@ class Scope(Run):
         overflow = record.info["overflow"]
         detectors = [d for d in self.detectors if getattr(d, "sees_overflow", False)] if overflow else self.detectors
         new = self._book.update([a for d in detectors for a in d.check(record, self.meta["layers"])], partial=overflow)
+        record.info.update({HOLDING + kind: n for kind, n in self._book.holding().items()})
         self.history.append(record)
         if self._stream is not None and not self._stream.closed:
             self._write_stream(record, new)
