@@ -604,6 +604,18 @@ def detector_settings(detectors) -> list[dict]:
     return out
 
 
+def _positive_float(v) -> float | None:
+    """``v`` as a finite float > 0, or None (not a number, a bool, <= 0, infinite, or an int too large for a float,
+    as a hand-edited log may hold)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        v = float(v)
+    except OverflowError:
+        return None
+    return v if 0 < v < math.inf else None
+
+
 def thresholds(meta: dict) -> dict:
     """``{"vanishing": ratio, "exploding": ratio, "output_side": fraction}`` of a run: the settings of its
     ``Vanishing`` and ``Exploding`` detectors from ``meta["detectors"]`` (see :func:`detector_settings`), else these
@@ -615,12 +627,12 @@ def thresholds(meta: dict) -> dict:
             continue
         for cls, key in ((Vanishing, "vanishing"), (Exploding, "exploding")):
             if e.get("detector") == cls.__name__:
-                v = e.get("ratio")
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf:
-                    found[key] = float(v)
-                w = e.get("output_side")
-                if cls is Vanishing and isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w <= 1:
-                    found["output_side"] = float(w)
+                v = _positive_float(e.get("ratio"))
+                if v is not None:
+                    found[key] = v
+                w = _positive_float(e.get("output_side"))
+                if cls is Vanishing and w is not None and w <= 1:
+                    found["output_side"] = w
     return found
 
 

@@ -8,6 +8,11 @@ Text that comes from the data (layer names, run labels) is drawn literally: a ``
 A value that is NaN or infinite cannot sit on an axis: such layers/steps are marked in red (triangles along the top of
 the axis, squares on the heatmap; legend entry "NaN/Inf"), and an axes with no finite value at all says so in its
 middle, so a figure drawn right after a step with non-finite gradients is never blank.
+
+Alert marks at the first or last step are kept inside the axes (an x margin, never clipped at the edge). A timeline
+of more than :data:`MAX_LEGEND` call sites colours its lines by forward order on a colour bar and names only the
+highest few in its legend. :func:`uninformative` says when a figure would only show zeros or one constant (a dead-unit
+figure of a run without a dead unit), so ``gradscope report`` can say that in a sentence instead.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ ALERT_COLOURS = {"vanishing": "#0072B2", "exploding": "#D55E00", "nonfinite": "#
                  "saturation": "#E69F00", "vanishing_through_time": "#56B4E9"}
 NONFINITE_COLOUR = "#FF0000"
 NONFINITE_LABEL = "NaN/Inf (marked at the top)"
+MAX_LEGEND = 8  # more series than this: no legend entry each (colour bar for the order, the highest few named)
+LEGEND_TOP = 5  # how many of many series the legend names
 
 
 class NothingToDraw(ValueError):
@@ -190,9 +197,10 @@ def heatmap(source, path=None, stat: str = "grad_norm"):
                       extent=(steps[0] - 0.5, steps[-1] + 0.5, len(names) - 0.5, -0.5))
     fig.colorbar(image, ax=ax, label=f"log10 {_literal(stat)}")
     row = {n: i for i, n in enumerate(names)}
-    for a in run.alerts:
-        if a.layer in row:
-            ax.plot(a.step, row[a.layer], "x", ms=6, color="white", mec=ALERT_COLOURS.get(a.kind, "k"))
+    marked = [a for a in run.alerts if a.layer in row]
+    for a in marked:
+        ax.plot(a.step, row[a.layer], "x", ms=6, color="white", mec=ALERT_COLOURS.get(a.kind, "k"), clip_on=False)
+    _step_margin(ax, steps + [a.step for a in marked], cell=0.5)
     if bad:  # NaN/Inf cells would be left empty by imshow: a red square on each
         ax.plot([b[0] for b in bad], [b[1] for b in bad], "s", ms=5, mfc="none", mec=NONFINITE_COLOUR, mew=1.5,
                 ls="none", label="NaN/Inf")
@@ -208,27 +216,67 @@ def heatmap(source, path=None, stat: str = "grad_norm"):
     return _done(fig, path)
 
 
+def _step_margin(ax, steps, cell: float = 0.0) -> None:
+    """Set the x range of ``ax`` to ``steps`` (data and alert marks) with a margin on both sides: a mark at the first
+    or last step (step 0, say) sits inside the axes instead of on its edge, half clipped or hidden by the frame."""
+    from matplotlib.ticker import MaxNLocator
+
+    lo, hi = min(steps), max(steps)
+    pad = max(cell, 0.5, 0.03 * (hi - lo + 2 * cell))
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+
+
 def _timeline(source, path, stat, ylabel, title, kind):
     plt = _plt()
     run, records, sites = _with_stat(source, stat)
     if not sites:
         raise NothingToDraw(f"this run has no {stat} (no matching activation call site was tracked)")
+    many = len(sites) > MAX_LEGEND
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    bad = set()
+    cmap = plt.get_cmap("viridis")
+    bad, lines, steps = set(), [], [r.step for r in records]
     for i, site in enumerate(sites):
         pts = [(r.step, r.layers[site][stat]) for r in records if stat in r.layers.get(site, {})]
         bad |= {step for step, v in pts if _nonfinite(v)}
-        ax.plot([p[0] for p in pts], [100 * _plottable(p[1]) for p in pts], color=PALETTE[i % len(PALETTE)],
-                ls=["-", "--", ":", "-."][i // len(PALETTE) % 4], label=_literal(short_name(site, 20)))
+        ys = [100 * _plottable(p[1]) for p in pts]
+        if many:  # colour = position in forward order (colour bar); the legend names only the highest few
+            style = dict(color=cmap(i / (len(sites) - 1)), lw=1.0, label="_nolegend_")
+        else:
+            style = dict(color=PALETTE[i % len(PALETTE)], ls=["-", "--", ":", "-."][i // len(PALETTE) % 4],
+                         label=_literal(short_name(site, 20)))
+        (line,) = ax.plot([p[0] for p in pts], ys, **style)
+        finite = [y for y in ys if math.isfinite(y)]
+        lines.append((max(finite) if finite else -math.inf, i, line))
     _mark_nonfinite(ax, sorted(bad))
-    for a in run.alerts:
-        if a.kind == kind and a.layer in sites:
-            ax.axvline(a.step, color=ALERT_COLOURS[kind], lw=0.8, alpha=0.5)
-    ax.set_ylim(-2, 102)
+    alert_steps = [a.step for a in run.alerts if a.kind == kind and a.layer in sites]
+    for step in alert_steps:
+        ax.axvline(step, color=ALERT_COLOURS[kind], lw=0.8, alpha=0.5)
+    _step_margin(ax, steps + alert_steps)
+    peak = max((p for p, _, _ in lines), default=-math.inf)
+    top = 102 if not math.isfinite(peak) or peak > 60 else max(5.0, 1.15 * peak + 1)  # small values not squashed
+    ax.set_ylim(-top / 50, top)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title.format(model=_label(run, "model")))
-    ax.legend(fontsize=6, ncol=max(1, len(sites) // 12 + 1), loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if many:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        bar = fig.colorbar(ScalarMappable(norm=Normalize(0, len(sites) - 1), cmap=cmap), ax=ax, pad=0.02)
+        bar.set_label(f"call site, forward order ({len(sites)} sites)", fontsize=8)
+        ticks = sorted({round(k * (len(sites) - 1) / 4) for k in range(5)})
+        bar.set_ticks(ticks)
+        bar.set_ticklabels([_literal(short_name(sites[t], 14)) for t in ticks], fontsize=6)
+        top = sorted(lines, key=lambda t: (-t[0], t[1]))[:LEGEND_TOP]
+        handles = [line for _, _, line in top]
+        labels = [f"{_literal(short_name(sites[i], 20))} (peak {peak:.3g}%)" for peak, i, _ in top]
+        handles += [h for h, lbl in zip(*ax.get_legend_handles_labels()) if lbl == NONFINITE_LABEL]
+        labels += [NONFINITE_LABEL] * (len(handles) - len(labels))
+        ax.legend(handles, labels, fontsize=6, loc="best", framealpha=0.8,
+                  title=f"highest {len(top)} of {len(sites)}", title_fontsize=6)
+    else:
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _done(fig, path)
 
 
@@ -272,7 +320,10 @@ def through_time(sources, path=None, labels=None):
     ax.set_xlabel("input time step t (the last step is on the right)")
     ax.set_ylabel("||dLoss / d input_t||, batch mean")
     ax.set_title("Gradient through time (gaps: exactly zero)")
-    ax.legend(fontsize=7)
+    if lines > MAX_LEGEND:
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1 + lines // 16)
+    else:
+        ax.legend(fontsize=7)
     return _done(fig, path)
 
 
@@ -334,8 +385,67 @@ def comparison(sources, path=None, labels=None, metrics=("signal_ratio", "grad_n
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
-    axes[0][0].legend(fontsize=7)
+    if len(runs) > MAX_LEGEND:
+        axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5), ncol=1 + len(runs) // 16)
+    else:
+        axes[0][0].legend(fontsize=7)
     return _done(fig, path)
+
+
+def _values(records, stat: str) -> dict[str, list]:
+    """``{layer or site: [its values of stat over records]}`` for the layers that have ``stat``."""
+    out: dict[str, list] = {}
+    for r in records:
+        for name, st in r.layers.items():
+            if stat in st:
+                out.setdefault(name, []).append(st[stat])
+    return out
+
+
+def uninformative(source, kind: str) -> str | None:
+    """Why the figure ``kind`` (a key of :data:`FIGURES`) of this run would carry no information, as a sentence to
+    print instead (``"no dead units: ..."``), or None when it is worth drawing (or has nothing to draw at all, which
+    the figure itself raises as :class:`NothingToDraw`).
+
+    A figure carries nothing when every value it plots is 0, or one and the same constant: a dead-unit timeline of a
+    run without a dead unit, a saturation timeline without a saturated output, a heatmap of a single value. One NaN or
+    infinite value makes it worth drawing: the figure marks it."""
+    run = as_run(source)
+    records = run.history.records()
+    if not records:
+        return None
+    m = len(records)
+    steps = f"{m} collected step{'s' if m != 1 else ''}"
+    if kind in ("dead", "saturation", "heatmap"):
+        stat = {"dead": "dead_fraction", "saturation": "saturation", "heatmap": "grad_norm"}[kind]
+        per_site = _values(records, stat)
+        values = [v for vs in per_site.values() for v in vs]
+        if not values or any(_nonfinite(v) for v in values) or len(set(values)) > 1:
+            return None
+        v, n = values[0], len(per_site)
+        if kind == "dead":
+            sites = f"{n} ReLU call site{'s' if n != 1 else ''}"
+            return (f"no dead units: {sites}, 0% dead at each of {steps}" if v == 0 else
+                    f"dead units constant: {sites}, {100 * v:.3g}% dead at each of {steps}")
+        if kind == "saturation":
+            sites = f"{n} sigmoid/tanh call site{'s' if n != 1 else ''}"
+            return (f"no saturation: {sites}, 0% of outputs at a bound at each of {steps}" if v == 0 else
+                    f"saturation constant: {sites}, {100 * v:.3g}% of outputs at a bound at each of {steps}")
+        return f"gradient norm {v:.3g} for every one of {n} layers at each of {steps}: no heatmap to draw"
+    last = records[-1]
+    if kind == "time":
+        values = [v for st in last.layers.values() for v in st.get("through_time", ())]
+        if values and not any(_nonfinite(v) for v in values) and all(v == 0 for v in values):
+            return f"gradient through time exactly zero at every input step (step {last.step})"
+        return None
+    if kind == "flow":
+        names = [e.name for e in run.meta["layers"] if e.profile and e.name in last.layers]
+        values = [last.layers[n].get(k) for n in names for k in ("backprop_signal", "grad_rms")]
+        values = [v for v in values if v is not None]
+        if values and not any(_nonfinite(v) for v in values) and all(v == 0 for v in values):
+            return f"no gradient: every layer's gradient is exactly zero at step {last.step}"
+        return None
+    raise ValueError(f"kind must be one of {sorted(FIGURES)}, got {kind!r}")
 
 
 FIGURES = {"flow": gradient_flow, "heatmap": heatmap, "dead": dead_units, "saturation": saturation,

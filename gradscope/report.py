@@ -4,6 +4,12 @@ A RUN is a log written by ``scope.save()``, a run directory holding ``gradscope.
 output directory (all its runs). Several runs make a comparison page. A run is labelled by its file or directory
 name; runs with the same name (``a/run`` and ``b/run``) are told apart by their parent directories.
 
+The page leads with the answer: each run's verdict with its first alert and that alert's remedy; then a table with
+one row per run (verdict, parameters, collected steps, input/output signal ratio at the first and last collected
+step, largest and final dead fraction, alerts per kind); then the figures over all runs; then one section per run with
+its alerts, its text summary and its figures. Each distinct remedy is printed once. A figure that would show only
+zeros (no dead unit at any step) is left out and a sentence says so.
+
 ``--out`` is a directory (created if needed); one that already holds a ``report.html`` is only written over with
 ``--force``.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import math
 import re
 import sys
 from pathlib import Path
@@ -77,70 +84,257 @@ def _file_stem(label: str) -> str:
     return re.sub(r'[\\/:*?"<>|\s\x00-\x1f]+', "_", label).strip("._") or "run"
 
 
-def _figures(label: str, stem: str, run: Run, out: Path) -> list[tuple[str, Path]]:
+FIGURE_KINDS = (("flow", "gradient flow at the last collected step"), ("heatmap", "gradient norm per layer and step"),
+                ("dead", "dead ReLU units"), ("saturation", "saturated sigmoid/tanh outputs"),
+                ("time", "gradient through time"))
+
+
+def _figures(label: str, stem: str, run: Run, out: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """Draw the figures of one run into ``out``: ``([(caption, png path)], [notes])``. A figure the run has nothing
+    for (no ReLU, no recurrent layer) is left out silently; one that would only show zeros or one constant (no dead
+    unit at any step) is left out with a note that says so instead."""
     import matplotlib.pyplot as plt
 
     from . import figures
 
-    made = []
-    for kind, fn in (("flow", figures.gradient_flow), ("heatmap", figures.heatmap), ("dead", figures.dead_units),
-                     ("saturation", figures.saturation), ("time", figures.through_time)):
+    made, notes = [], []
+    for kind, caption in FIGURE_KINDS:
+        fn = figures.FIGURES[kind]
         path = out / f"{stem}-{kind}.png"
         try:
+            why = figures.uninformative(run, kind)
+            if why is not None:
+                notes.append(why)
+                continue
             fig = fn(run, path=path)
         except figures.NothingToDraw:
             continue  # this run has nothing for that figure (no ReLU, no recurrent layer, ...)
         plt.close(fig)
-        made.append((f"{label}: {kind}", path))
-    return made
+        made.append((f"{label}: {caption}", path))
+    return made, notes
 
 
-def write_report(runs: list[tuple[str, Run]], out: Path) -> Path:
+def _number(v, fmt: str = "{:.2g}") -> str:
+    return fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+
+def _dead(run: Run) -> tuple[float, float] | None:
+    """``(largest, final)`` dead fraction over the ReLU sites: the largest over every collected step and site, and the
+    largest at the last collected step; None when the run has no ReLU site (NaN values are passed over)."""
+    per_step = []
+    for r in run.history.records():
+        vals = [st["dead_fraction"] for st in r.layers.values() if "dead_fraction" in st]
+        if vals:
+            finite = [v for v in vals if math.isfinite(v)]
+            per_step.append(max(finite) if finite else math.nan)
+    if not per_step:
+        return None
+    finite = [v for v in per_step if math.isfinite(v)]
+    return (max(finite) if finite else math.nan), per_step[-1]
+
+
+def run_facts(run: Run) -> dict[str, str]:
+    """The comparison-table row of one run (without its label), formatted: verdict, parameters, collected steps,
+    input-side / output-side backprop signal at the first and the last collected step, the largest dead fraction
+    over the run against its final value, and the alerts per kind."""
+    from .verdict import alert_summary, verdict
+
+    records = run.history.records()
+    params = sum(entry.params for entry in run.meta["layers"])
+    steps = f"{len(records)}" + (f" ({records[0].step}-{records[-1].step})" if records else "")
+    dead = _dead(run)
+    return {
+        "verdict": verdict(run),
+        "params": f"{params:,}",
+        "collected steps": steps,
+        "signal in/out, first": _number(run.signal_ratio(records[0])) if records else "-",
+        "signal in/out, last": _number(run.signal_ratio(records[-1])) if records else "-",
+        "dead units max (final)": "-" if dead is None else
+        f"{_number(100 * dead[0], '{:.3g}')}% ({_number(100 * dead[1], '{:.3g}')}%)",
+        "alerts": "; ".join(k.describe() for k in alert_summary(run)) or "none",
+    }
+
+
+def _verdict_class(text: str) -> str:
+    return text.split(":")[0].split()[0] if text else "none"
+
+
+CSS = """
+*{box-sizing:border-box}
+body{font-family:system-ui,sans-serif;font-size:15px;line-height:1.45;max-width:1200px;margin:0 auto;padding:12px 20px;
+  color:#222;overflow-wrap:anywhere}
+h1{font-size:24px} h2{font-size:20px;margin-top:32px;border-bottom:2px solid #ddd} h3{font-size:16px;margin-bottom:4px}
+img{max-width:100%;height:auto;display:block}
+figure{margin:12px 0} figcaption{font-size:13px;color:#555}
+pre{font-size:11px;line-height:1.3;background:#f6f6f6;padding:8px;max-width:100%;overflow-x:auto;
+  white-space:pre-wrap;overflow-wrap:anywhere}
+code{overflow-wrap:anywhere}
+.scroll{max-width:100%;overflow-x:auto}
+table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top;
+  text-align:left;overflow-wrap:normal} th{background:#f0f0f0}
+td.num{text-align:right;white-space:nowrap}
+.verdict{border-left:6px solid #999;background:#fafafa;padding:6px 12px;margin:10px 0}
+.verdict p{margin:4px 0}
+.badge{font-weight:bold}
+.healthy{border-color:#009E73} .healthy .badge,.badge.healthy{color:#007a5a}
+.flagged{border-color:#D55E00} .flagged .badge,.badge.flagged{color:#b34a00}
+.recovered{border-color:#E69F00} .recovered .badge,.badge.recovered{color:#8a5d00}
+.remedy{background:#eef5fb;padding:4px 8px}
+.note{color:#555;font-style:italic}
+@media (max-width:900px){pre{white-space:pre}}
+"""
+
+
+class _Remedies:
+    """Prints each distinct remedy text once on the page: the first time in full, later as a pointer back."""
+
+    def __init__(self):
+        self.first: dict[str, str] = {}  # remedy text -> label of the run where it was printed
+
+    def html(self, hint: str, label: str) -> str:
+        if not hint:
+            return ""
+        if hint in self.first:
+            where = self.first[hint]
+            return ("<p class='remedy'><b>remedy:</b> as above" +
+                    (f" (see {html.escape(where)})" if where != label else "") + "</p>")
+        self.first[hint] = label
+        return f"<p class='remedy'><b>remedy:</b> {html.escape(hint)}</p>"
+
+
+def _alert_line(a) -> str:
+    where = f" in <code>{html.escape(a.layer)}</code>" if a.layer else ""
+    return f"step {a.step}, <b>{html.escape(a.kind)}</b>{where}: {html.escape(a.message)}"
+
+
+def _table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
+    """An HTML table in its own horizontally scrolling box; cells are already escaped."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td class='num'>{c}</td>" if i in numeric else f"<td>{c}</td>"
+                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>"
+
+
+def write_report(runs: list[tuple[str, Run]], out: Path, *, facts: dict[str, dict[str, str]] | None = None) -> Path:
     """Write the PNGs and ``report.html`` for ``runs`` into ``out``; return the HTML path.
 
-    Every run gets its own figures and its own section: a label given twice gets a counter (``run``, ``run-2``), and
-    the PNG names are made from the labels (path separators replaced) and unique too."""
+    The page reads top-down: each run's verdict with its first alert and that alert's remedy; a comparison table
+    (one row per run: verdict, parameters, collected steps, input/output signal ratio at the first and last collected
+    step, largest and final dead fraction, alerts per kind, then the columns of ``facts``); the figures over all runs;
+    then one section per run with its alerts, its text summary and its figures. Each distinct remedy text is printed
+    once; later mentions point back to it. A figure that would only show zeros (no dead unit at any step) is replaced
+    by a sentence saying so.
+
+    Args:
+        runs: ``[(label, run)]``. Every run gets its own figures and its own section: a label given twice gets a
+            counter (``run``, ``run-2``), and the PNG names are made from the labels (path separators replaced) and
+            unique too.
+        out: the directory to write into (created if needed).
+        facts: more table columns per run, ``{label: {column title: formatted value}}`` (e.g. the accuracies and
+            wall time ``gradscope compare`` measured); a run without an entry gets ``-``.
+    """
     import matplotlib.pyplot as plt
 
     from . import figures
+    from .verdict import alert_summary, verdict
 
     out.mkdir(parents=True, exist_ok=True)
-    runs = list(zip(_unique([label for label, _ in runs]), (run for _, run in runs)))
+    given = [label for label, _ in runs]
+    runs = list(zip(_unique(given), (run for _, run in runs)))
+    facts = facts or {}
+    extra = [title for label in given for title in facts.get(label, {})]
+    extra = list(dict.fromkeys(extra))
     stems = _unique([_file_stem(label) for label, _ in runs], key=str.casefold)
     images, opened = [], []
     per_run = [_figures(label, stem, run, out) for (label, run), stem in zip(runs, stems)]
     if len(runs) > 1:
+        metrics = ["signal_ratio", "grad_norm"]
+        for metric, kind in (("max_dead", "dead"), ("saturation", "saturation")):
+            stat = figures.SERIES_STAT[metric]
+            has = [r for _, r in runs if any(stat in st for rec in r.history.records() for st in rec.layers.values())]
+            if has and not all(figures.uninformative(r, kind) for r in has):
+                metrics.append(metric)
         path = out / "comparison.png"
-        opened.append(figures.comparison([r for _, r in runs], path=path, labels=[lbl for lbl, _ in runs]))
-        images.insert(0, ("comparison of all runs", path))
+        opened.append(figures.comparison([r for _, r in runs], path=path, labels=[lbl for lbl, _ in runs],
+                                         metrics=metrics))
+        images.append(("all runs over training: " + ", ".join(figures.COMPARISON_METRICS[m][0] for m in metrics),
+                       path))
         recurrent = [(lbl, r) for lbl, r in runs if any("through_time" in st for st in r.history.last.layers.values())]
         if len(recurrent) > 1:
             path = out / "through-time-overlay.png"
             opened.append(figures.through_time([r for _, r in recurrent], path=path,
                                                labels=[lbl for lbl, _ in recurrent]))
-            images.insert(1, ("gradient through time, all recurrent runs", path))
+            images.append(("gradient through time, all recurrent runs", path))
     for fig in opened:
         plt.close(fig)
 
     def embed(title: str, path: Path) -> str:
         data = base64.b64encode(path.read_bytes()).decode()
-        return f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
+        return (f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{html.escape(title)}</figcaption></figure>")
 
-    parts = [f"<h1>gradscope report: {len(runs)} run{'s' if len(runs) > 1 else ''}</h1>"]
-    parts += [embed(title, path) for title, path in images]
-    for (label, run), made in zip(runs, per_run):
-        parts.append(f"<h2>{html.escape(label)}</h2>")
+    ids = [f"run-{k + 1}" for k in range(len(runs))]
+    verdicts = [verdict(run) for _, run in runs]
+    remedies = _Remedies()
+    n = len(runs)
+    parts = [f"<h1>gradscope report: {n} run{'s' if n > 1 else ''}</h1>", "<h2 id='verdicts'>Verdicts</h2>"]
+    for (label, run), anchor, said in zip(runs, ids, verdicts):
+        alerts = sorted(run.alerts, key=lambda a: a.step)
+        block = [f"<p><a href='#{anchor}'><b>{html.escape(label)}</b></a>: "
+                 f"<span class='badge'>{html.escape(said)}</span></p>"]
+        if alerts:
+            more = f" ({len(alerts) - 1} more below)" if len(alerts) > 1 else ""
+            block.append(f"<p>first alert: {_alert_line(alerts[0])}{more}</p>")
+            block.append(remedies.html(alerts[0].hint, label))
+        elif run.history.records():
+            m = len(run.history.records())
+            block.append(f"<p>no alert over {m} collected step{'s' if m != 1 else ''}</p>")
+        parts.append(f"<div class='verdict {_verdict_class(said)}'>" + "".join(block) + "</div>")
+
+    rows, header = [], []
+    for (label, run), anchor, given_label in zip(runs, ids, given):
+        row = run_facts(run)
+        alerts = row.pop("alerts")
+        header = ["run", *row, *extra, "alerts"]
+        mine = facts.get(given_label, facts.get(label, {}))
+        rows.append([f"<a href='#{anchor}'>{html.escape(label)}</a>",
+                     *(html.escape(v) for v in row.values()),
+                     *(html.escape(str(mine.get(title, "-"))) for title in extra), html.escape(alerts)])
+    numeric = {k for k, title in enumerate(header) if title not in ("run", "verdict", "alerts")}  # right-aligned
+    parts += ["<h2 id='comparison'>Comparison</h2>", _table(header, rows, numeric),
+              "<p class='note'>signal in/out: the backprop signal reaching the first parameterised layer over the "
+              "last one's, at the first and the last collected step (about 1: the gradient reaches the input side; "
+              "far below 1: it vanishes on the way; far above: it explodes). dead units: the largest fraction of "
+              "dead ReLU units in a layer over the run, and at the last collected step.</p>"]
+    if images:
+        parts += [embed(title, path) for title, path in images]
+
+    for (label, run), (made, notes), anchor, said in zip(runs, per_run, ids, verdicts):
+        parts.append(f"<section id='{anchor}'><h2>{html.escape(label)}</h2>")
+        parts.append(f"<p class='verdict {_verdict_class(said)}'><span class='badge'>{html.escape(said)}</span></p>")
+        kinds = alert_summary(run)
+        if kinds:
+            parts.append("<h3>alerts</h3>")
+            for k in kinds:
+                first = min((a for a in run.alerts if a.kind == k.kind), key=lambda a: a.step)
+                on = f" on {k.layers} layer{'s' if k.layers != 1 else ''}" if k.layers > 1 else ""
+                parts.append(f"<div class='verdict'><p><b>{html.escape(k.describe())}</b>{on}; first: "
+                             f"{_alert_line(first)}</p>{remedies.html(first.hint, label)}</div>")
+            rows = [[str(a.step), html.escape(a.kind), f"<code>{html.escape(a.layer)}</code>", html.escape(a.message)]
+                    for a in run.alerts]
+            parts.append(f"<details><summary>all {len(rows)} alert{'s' if len(rows) != 1 else ''} "
+                         "(step, kind, layer, what)</summary>" +
+                         _table(["step", "kind", "layer", "what"], rows, {0}) + "</details>")
+        text = run.summary()
+        for hint in remedies.first:  # printed above already: the summary points there instead of repeating it
+            text = text.replace(hint, "(printed above)")
+        parts.append(f"<h3>summary</h3><pre>{html.escape(text)}</pre>")
+        parts += [f"<p class='note'>{html.escape(note)}</p>" for note in notes]
         parts += [embed(title, path) for title, path in made]
-        parts.append(f"<pre>{html.escape(run.summary())}</pre>")
-        if run.alerts:
-            rows = "".join(f"<tr><td>{a.step}</td><td>{html.escape(a.kind)}</td><td>{html.escape(a.layer)}</td>"
-                           f"<td>{html.escape(a.message)}</td><td>{html.escape(a.hint)}</td></tr>" for a in run.alerts)
-            parts.append("<table><tr><th>step</th><th>kind</th><th>layer</th><th>what</th><th>remedy</th></tr>"
-                         f"{rows}</table>")
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>gradscope report</title><style>"
-            "body{font-family:sans-serif;max-width:1200px;margin:auto} img{max-width:100%} "
-            "pre{font-size:11px;overflow-x:auto;background:#f6f6f6;padding:8px} "
-            "table{border-collapse:collapse;font-size:12px} td,th{border:1px solid #ccc;padding:3px}</style></head>"
+        parts.append("</section>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>gradscope report</title><style>{CSS}</style></head>"
             "<body>" + "\n".join(parts) + "</body></html>")
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")

@@ -123,9 +123,16 @@ class Run:
             return math.nan
         return profile[0][1] / profile[-1][1]
 
-    def summary(self) -> str:
-        """A table of the last collected step, the depth profile and the alerts, for a terminal."""
-        return format_summary(self)
+    def summary(self, full: bool = False) -> str:
+        """The verdict, a table of the last collected step, the depth profile and the alerts, for a terminal.
+
+        Args:
+            full: one row per layer/call site. By default a table of more than 40 rows (a deep net) shows the
+                input-side and output-side rows and every row of a layer with an alert (with its neighbours), and
+                folds the rows between them into one line per top-level block with the range of their backprop
+                signal and gradient RMS; a smaller net prints every row either way.
+        """
+        return format_summary(self, full=full)
 
     def plot(self, kind: str = "flow", path=None, **kwargs):
         """A figure of this run: ``flow`` (gradient flow), ``heatmap``, ``dead``, ``saturation`` or ``time``
@@ -144,6 +151,9 @@ class Run:
         the steps and alerts, so :func:`load` can tell a complete file from one cut short by other means.
         """
         path = os.fspath(path)
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise ValueError(f"save({path!r}): it is not a regular file (a directory, device or pipe), and saving "
+                             "replaces the file at the path; pass a file path")
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
         try:

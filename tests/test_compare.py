@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import gradscope
 from gradscope import cli
 from gradscope.bench import compare
 from gradscope.bench.data import CLASSES, SYNTHETIC, Batches, load_cifar10, read_image_folder
@@ -95,9 +96,17 @@ def test_quick_preset_end_to_end_on_real_images(cifar_root, tmp_path):
         assert 0 <= float(metrics[-1]["test_acc"]) <= 1
     sigmoid = next(r for r in rows if r["model"] == "mlp20-sigmoid-default")
     assert "vanishing" in sigmoid["alerts"] and float(sigmoid["signal_in/out_init"]) < 1e-6
+    assert sigmoid["verdict"].startswith("flagged: vanishing from step") and "active" in sigmoid["alerts"]
+    kaiming = next(r for r in rows if r["model"] == "mlp20-relu-kaiming")
+    assert float(kaiming["dead_max"]) >= float(kaiming["dead_final"]) >= 0  # max over the run vs the last step
+    last = gradscope.load(out / "mlp20-relu-kaiming" / "gradscope.jsonl").history.records()[-1]
+    assert float(kaiming["dead_final"]) == pytest.approx(max(st["dead_fraction"] for st in last.layers.values()
+                                                             if "dead_fraction" in st))
     assert float(next(r for r in rows if r["model"] == "lstm-rows")["reach_steps"]) > 0
     assert "| model | params |" in (out / "comparison.md").read_text()
     assert (out / "figures/report.html").is_file() and (out / "figures/comparison.png").is_file()
+    page = (out / "figures/report.html").read_text()
+    assert "test acc" in page and f"{float(sigmoid['test_acc']):.3f}" in page  # compare's facts join the table
 
 
 @pytest.mark.parametrize("args,message", [

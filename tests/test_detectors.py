@@ -200,3 +200,17 @@ def test_thresholds_are_configurable_and_detectors_replaceable():
     assert strict.alerts and not lax.alerts
     silent = train(deep_mlp(20, 32, "sigmoid"), 1, detectors=[])
     assert silent.alerts == []
+
+
+def test_thresholds_of_a_hand_edited_log_fall_back_to_the_defaults():
+    """A saved meta's detector settings are read leniently: a value that is no usable threshold (an int too large
+    for a float, found by the load fuzz test, a bool, a string, 0, inf) leaves the detector's default."""
+    from gradscope.detectors import Exploding, Vanishing, thresholds
+
+    for bad in (10**400, True, "1e3", 0, -1.0, float("inf"), float("nan"), None):
+        got = thresholds({"detectors": [{"detector": "Exploding", "ratio": bad},
+                                        {"detector": "Vanishing", "ratio": bad, "output_side": bad}]})
+        assert got == {"vanishing": Vanishing.ratio, "exploding": Exploding.ratio,
+                       "output_side": Vanishing.output_side}, bad
+    assert thresholds({"detectors": [{"detector": "Vanishing", "ratio": 1e-4, "output_side": 0.5}]}) == \
+        {"vanishing": 1e-4, "exploding": Exploding.ratio, "output_side": 0.5}

@@ -142,3 +142,107 @@ def test_report_bad_inputs(tmp_path, capsys):
     assert report.main([str(empty), "--out", str(tmp_path / "o")]) == 1
     assert "no collected step" in capsys.readouterr().err
     assert report.main([str(tmp_path), "--out", str(tmp_path / "o")]) == 1  # a directory without logs
+
+
+# issue 14: figures that lead with the answer -------------------------------------------------------------------------
+
+def relu_run(bias: float, depth: int = 11, steps: int = 60, dead_window: int = 8):
+    """A narrow ReLU MLP, not trained (lr 0): with ``bias`` < 0, the first few units of each hidden layer get that
+    bias and never fire (dead from step 0, a different number per layer); with ``bias`` > 0 every hidden unit gets it
+    and the weights after the first layer are made non-negative, so every unit fires on every sample (none dead)."""
+    torch.manual_seed(0)
+    model = deep_mlp(depth, 8, "relu", "kaiming", in_features=6, classes=3)
+    hidden = [m for m in model if isinstance(m, nn.Linear)][:-1]
+    with torch.no_grad():
+        for k, m in enumerate(hidden):
+            if bias < 0:
+                m.bias[: 2 + k % 5] = bias
+            else:
+                m.bias.fill_(bias)
+                if k:
+                    m.weight.abs_()
+    return train_loop(model, lambda: (torch.randn(8, 6), torch.randint(0, 3, (8,))), steps, lr=0.0,
+                      watch={"dead_window": dead_window}).scope
+
+
+@pytest.fixture(scope="module")
+def dead_relu():
+    return relu_run(-100.0)
+
+
+@pytest.fixture(scope="module")
+def vanishing_from_step_0():
+    torch.manual_seed(0)
+    model = deep_mlp(12, 8, "sigmoid", in_features=6, classes=3)
+    return train_loop(model, lambda: (torch.randn(8, 6), torch.randint(0, 3, (8,))), 60, lr=0.0,
+                      watch={"detectors": [gradscope.Vanishing(patience=1)]}).scope
+
+
+def inside(ax, x, at_least=0.02):
+    """``x`` lies inside the x range of ``ax`` by at least ``at_least`` of its width (not on the frame)."""
+    lo, hi = ax.get_xlim()
+    return lo < x < hi and min(x - lo, hi - x) >= at_least * (hi - lo)
+
+
+def test_alert_marks_at_step_0_are_inside_the_axes(dead_relu, vanishing_from_step_0, tmp_path):
+    assert {a.step for a in dead_relu.alerts if a.kind == "dead_units"} >= {0}
+    assert {a.step for a in vanishing_from_step_0.alerts} == {0}
+    fig = figures.dead_units(dead_relu, path=tmp_path / "dead.png")
+    ax = fig.axes[0]
+    vlines = [line for line in ax.lines if list(line.get_xdata()) == [0, 0]]  # axvline at step 0
+    assert vlines and inside(ax, 0) and inside(ax, 59)
+    saved(fig, tmp_path / "dead.png")
+    fig = figures.heatmap(vanishing_from_step_0, path=tmp_path / "heat.png")
+    ax = fig.axes[0]
+    marks = [line for line in ax.lines if line.get_marker() == "x"]
+    assert len(marks) == len(vanishing_from_step_0.alerts)
+    assert all(list(m.get_xdata()) == [0] for m in marks) and inside(ax, 0)
+    assert not any(m.get_clip_on() for m in marks)  # a mark on the edge of the image is drawn whole
+    saved(fig, tmp_path / "heat.png")
+
+
+def test_many_sites_get_a_colour_bar_and_a_short_legend(dead_relu, tmp_path):
+    records = dead_relu.history.records()
+    sites = [n for n in dead_relu.latest() if "dead_fraction" in dead_relu.latest()[n]]
+    assert len(sites) == 10 > figures.MAX_LEGEND
+    fig = figures.dead_units(dead_relu, path=tmp_path / "dead.png")
+    ax, bar = fig.axes
+    assert len([line for line in ax.lines if len(line.get_xdata()) > 2]) == 10  # every site is drawn
+    assert "forward order" in bar.get_ylabel()
+    entries = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(entries) == figures.LEGEND_TOP
+    peak = {n: max(r.layers[n]["dead_fraction"] for r in records) for n in sites}
+    highest = sorted(sites, key=lambda n: (-peak[n], sites.index(n)))[:figures.LEGEND_TOP]
+    assert [e.split(" (peak")[0] for e in entries] == highest
+    top = ax.get_ylim()[1]
+    assert 100 * max(peak.values()) < top  # nothing cut off at the top
+    saved(fig, tmp_path / "dead.png")
+    few = relu_run(-100.0, depth=4, steps=3)
+    fig = figures.dead_units(few)
+    assert len(fig.axes) == 1 and len(fig.axes[0].get_legend().get_texts()) == 3  # few sites: one entry each
+    matplotlib.pyplot.close(fig)
+
+
+def test_uninformative_figures_are_named_with_a_sentence(dead_relu, mixed):
+    alive = relu_run(10.0, depth=4, steps=3)
+    values = [st["dead_fraction"] for r in alive.history.records() for st in r.layers.values()
+              if "dead_fraction" in st]
+    assert len(values) == 3 * 3 and set(values) == {0.0}
+    why = figures.uninformative(alive, "dead")
+    assert why.startswith("no dead units") and "3 ReLU call sites" in why and "3 collected steps" in why
+    assert figures.uninformative(dead_relu, "dead") is None
+    for kind in ("flow", "heatmap"):
+        assert figures.uninformative(alive, kind) is None
+    sat = [st["saturation"] for r in mixed.history.records() for st in r.layers.values() if "saturation" in st]
+    assert (figures.uninformative(mixed, "saturation") is None) == (len(set(sat)) > 1)
+    # a NaN among the zeros is worth a figure: it is marked there
+    run = gradscope.Run(dict(alive.meta), alive.history, alive.alerts)
+    site = next(n for n, st in run.history.records()[-1].layers.items() if "dead_fraction" in st)
+    saved_value = run.history.records()[-1].layers[site]["dead_fraction"]
+    run.history.records()[-1].layers[site]["dead_fraction"] = float("nan")
+    try:
+        assert figures.uninformative(run, "dead") is None
+    finally:
+        run.history.records()[-1].layers[site]["dead_fraction"] = saved_value
+    with pytest.raises(ValueError, match="kind must be one of"):
+        figures.uninformative(alive, "pie")

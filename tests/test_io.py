@@ -228,3 +228,20 @@ def test_a_loaded_run_with_extreme_values_is_usable(run_file):
     assert "collected every 9223372036854775807" in run.summary()
     run.latest(), run.depth_profile(), run.decay_factor(), run.signal_ratio()
     plt.close(run.plot("flow"))
+
+
+def test_save_refuses_a_path_that_is_not_a_regular_file(run_file, tmp_path):
+    """Saving replaces the file at the path: a FIFO or directory there (or /dev/null, for a root user) must be left
+    alone, not replaced by a regular file."""
+    import os
+    import stat
+
+    scope, _ = run_file
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        scope.save(fifo)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    with pytest.raises(ValueError, match="not a regular file"):
+        scope.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left

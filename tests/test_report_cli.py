@@ -1,6 +1,7 @@
 """`gradscope report` / `gradscope compare` against hostile input (issue 12, items 10-14), on real short runs."""
 
 import base64
+import html
 import math
 import re
 
@@ -128,9 +129,19 @@ def test_dollar_signs_in_layer_names_and_labels_are_drawn_literally(tmp_path):
     out = tmp_path / "rep"
     assert report.main([str(p) for p in logs] + ["--out", str(out)]) == 0
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 2 * 5 + 2  # flow, heatmap, dead, saturation, time per run; comparison; through-time overlay
+
+    def all_zero(scope, stat):
+        values = [st[stat] for r in scope.history.records() for st in r.layers.values() if stat in st]
+        return bool(values) and all(v == 0 for v in values)
+
+    blank = {(k, stat) for k, scope in enumerate(runs) for stat in ("dead_fraction", "saturation")
+             if all_zero(scope, stat)}  # such a figure is left out of the report: a sentence says so
+    # flow, heatmap, dead, saturation, time per run; comparison; through-time overlay
+    assert len(pngs) == 2 * 5 + 2 - len(blank)
     assert all(p.stat().st_size > 5000 for p in pngs)
-    assert len(embedded((out / "report.html").read_text())) == len(pngs)
+    page = (out / "report.html").read_text()
+    assert len(embedded(page)) == len(pngs)
+    assert page.count("no dead units") == len({k for k, stat in blank if stat == "dead_fraction"})
 
 
 # item 12: report --out ---------------------------------------------------------------------------------------------
@@ -330,3 +341,167 @@ def test_flow_after_all_nan_gradients_is_not_blank(tmp_path):
     fig = figures.comparison([scope], path=tmp_path / "cmp.png")
     assert all(nonfinite_markers(ax) for ax in fig.axes[:2])  # signal ratio and gradient norm: step 1 is NaN
     matplotlib.pyplot.close(fig)
+
+
+# issue 14: the page leads with the answer ----------------------------------------------------------------------------
+
+def page_of(out):
+    return (out / "report.html").read_text()
+
+
+def table_rows(page: str) -> list[list[str]]:
+    """The cells (markup stripped) of the first table of the page: the comparison table; the header row first."""
+    table = page[page.index("<table"):page.index("</table>")]
+    return [[re.sub("<[^>]+>", "", c) for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row)]
+            for row in re.findall("<tr>(.*?)</tr>", table)]
+
+
+def relu_params(depth=3, width=8, in_features=6, classes=4) -> int:
+    """The parameter count of :func:`save_small_run`'s model, from the model itself."""
+    return sum(p.numel() for p in deep_mlp(depth, width, "relu", "kaiming", in_features=in_features,
+                                           classes=classes).parameters())
+
+
+@pytest.fixture
+def three_runs(run_file, tmp_path):
+    """Two copies of the sigmoid run (vanishing and nonfinite alerts: the same remedies) and a small ReLU run."""
+    scope, log = run_file
+    (tmp_path / "b").mkdir()
+    other = tmp_path / "b/sig.jsonl"
+    other.write_bytes(log.read_bytes())
+    save_small_run(tmp_path / "c/relu.jsonl")
+    return [log, other, tmp_path / "c/relu.jsonl"]
+
+
+def test_the_page_reads_verdicts_then_table_then_runs(three_runs, tmp_path):
+    out = tmp_path / "rep"
+    assert report.main([str(p) for p in three_runs] + ["--out", str(out)]) == 0
+    page = page_of(out)
+    runs = [gradscope.load(p) for p in three_runs]
+    said = [gradscope.verdict.verdict(r) for r in runs]
+    assert said[0] == said[1] and said[0].startswith("flagged: ") and said[2] == "healthy"
+    table = page.index("<table")
+    sections = [page.index(f"<h2>{label}</h2>") for label in ("run", "sig", "relu")]
+    assert table < sections[0] < sections[1] < sections[2]
+    # the verdict block: each run's label and verdict, in order, before the table
+    at, where = 0, []
+    for label, text in zip(("run", "sig", "relu"), said):
+        at = page.index(f"<b>{label}</b>", at)
+        at = page.index(html.escape(text), at)
+        where.append(at)
+    assert where[-1] < table
+    first = min(runs[0].alerts, key=lambda a: a.step)
+    assert where[0] < page.index(html.escape(first.message)) < where[1]  # the first alert, under its run's verdict
+    assert where[0] < page.index(html.escape(first.hint)) < where[1]  # with its remedy
+    # each distinct remedy once on the whole page; the second run's same remedy points back
+    hints = {a.hint for r in runs for a in r.alerts}
+    assert len(hints) >= 2  # vanishing and nonfinite
+    for hint in hints:
+        assert page.count(html.escape(hint)) == 1, hint[:60]
+    assert "as above (see run)" in page[where[1]:table]
+    # the table: one row per run, with what the runs' own numbers say
+    header, *rows = table_rows(page)
+    assert header[:2] == ["run", "verdict"] and "params" in header and header[-1] == "alerts"
+    assert [row[0] for row in rows] == ["run", "sig", "relu"]
+    assert [row[1] for row in rows] == said
+    col = {title: k for k, title in enumerate(header)}
+    assert rows[2][col["params"]] == f"{relu_params():,}"
+    assert rows[0][col["collected steps"]] == "3 (0-4)" and rows[2][col["collected steps"]] == "3 (0-2)"
+    relu = runs[2].history.records()
+    dead = [max(st["dead_fraction"] for st in r.layers.values() if "dead_fraction" in st) for r in relu]
+    assert rows[2][col["dead units max (final)"]] == f"{100 * max(dead):.3g}% ({100 * dead[-1]:.3g}%)"
+    assert rows[0][col["dead units max (final)"]] == "-"  # no ReLU
+    ratio = runs[2].signal_ratio(relu[0]), runs[2].signal_ratio(relu[-1])
+    assert (rows[2][col["signal in/out, first"]], rows[2][col["signal in/out, last"]]) == \
+        (f"{ratio[0]:.2g}", f"{ratio[1]:.2g}")
+    assert rows[0][col["alerts"]].startswith("vanishing x") and "nonfinite x" in rows[0][col["alerts"]]
+    assert rows[2][col["alerts"]] == "none"
+    # each run's section: its summary, then its figures
+    for k, label in enumerate(("run", "sig", "relu")):
+        end = sections[k + 1] if k < 2 else len(page)
+        section = page[sections[k]:end]
+        assert section.index("gradscope summary") < section.index("data:image/png")
+        assert section.count("data:image/png") == len([p for p in out.glob(f"{label}-*.png")])
+
+
+def test_facts_add_columns_and_the_positional_call_still_works(run_file, tmp_path):
+    scope, log = run_file
+    small = save_small_run(tmp_path / "small.jsonl")
+    runs = [("sigmoid", gradscope.load(log)), ("relu", gradscope.load(tmp_path / "small.jsonl"))]
+    page = page_of(report.write_report(runs, tmp_path / "plain").parent)
+    assert "test acc" not in page
+    facts = {"relu": {"test acc": "0.412", "wall (s)": "3.5"}}
+    path = report.write_report(runs, tmp_path / "facts", facts=facts)
+    header, *rows = table_rows(path.read_text())
+    assert header[-3:] == ["test acc", "wall (s)", "alerts"]
+    assert rows[1][-3:-1] == ["0.412", "3.5"] and rows[0][-3:-1] == ["-", "-"]  # a run without facts: "-"
+    assert len(small.alerts) == 0 and rows[1][1] == "healthy"
+
+
+def test_an_all_zero_dead_unit_figure_is_replaced_by_a_sentence(tmp_path):
+    torch.manual_seed(0)
+    model = deep_mlp(4, 8, "relu", "kaiming", in_features=6, classes=3)
+    hidden = [m for m in model if isinstance(m, nn.Linear)][:-1]
+    with torch.no_grad():  # every pre-activation positive: no unit is ever dead
+        for k, m in enumerate(hidden):
+            m.bias.fill_(10.0)
+            if k:
+                m.weight.abs_()
+    scope = gradscope.watch(model)
+    for _ in range(3):
+        F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+        scope.step()
+        model.zero_grad()
+    scope.detach()
+    dead = [st["dead_fraction"] for r in scope.history.records() for st in r.layers.values() if "dead_fraction" in st]
+    assert len(dead) == 9 and set(dead) == {0.0}
+    scope.save(tmp_path / "alive.jsonl")
+    save_small_run(tmp_path / "small.jsonl")  # a ReLU run with a dead unit at step 0: its figure is drawn
+    out = tmp_path / "rep"
+    assert report.main([str(tmp_path / "alive.jsonl"), str(tmp_path / "small.jsonl"), "--out", str(out)]) == 0
+    names = {p.name for p in out.glob("*.png")}
+    assert "alive-dead.png" not in names and "small-dead.png" in names and "alive-flow.png" in names
+    page = page_of(out)
+    alive, small = page.index("<h2>alive</h2>"), page.index("<h2>small</h2>")
+    assert alive < page.index("no dead units") < small and page.count("no dead units") == 1
+    assert "3 ReLU call sites" in page[alive:small]
+
+
+def test_the_page_keeps_within_its_width(run_file, tmp_path):
+    _, log = run_file
+    out = tmp_path / "rep"
+    assert report.main([str(log), "--out", str(out)]) == 0
+    page = page_of(out)
+    css = re.sub(r"\s+", "", page[page.index("<style>"):page.index("</style>")])
+    rules = re.findall(r"([^{}]+)\{([^}]*)\}", css)
+
+    def rule(selector):  # the first rule for it (the page-wide one, not a narrow-screen override)
+        return next(body for sel, body in rules if selector in sel.split(","))
+
+    assert "white-space:pre-wrap" in rule("pre") and "overflow-x:auto" in rule("pre")
+    assert "max-width:100%" in rule("img")
+    assert "overflow-x:auto" in rule(".scroll")
+    tables = [m.start() for m in re.finditer("<table", page)]
+    assert tables and all(page[:t].endswith("<div class='scroll'>") for t in tables)  # each scrolls in its own box
+    assert "max-width" in rule("body")
+
+
+def test_a_report_after_nan_gradients_draws_the_flow_with_its_marks(tmp_path):
+    model = Poisonable()
+    scope = gradscope.watch(model)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    for poison in (False, True):
+        model.poison = poison
+        F.cross_entropy(model(x), y).backward()
+        scope.step()
+        model.zero_grad()
+    scope.detach()
+    assert any(not math.isfinite(st.get("backprop_signal", 0.0)) for st in scope.latest().values())
+    assert figures.uninformative(scope, "flow") is None and figures.uninformative(scope, "heatmap") is None
+    scope.save(tmp_path / "nan.jsonl")
+    out = tmp_path / "rep"
+    assert report.main([str(tmp_path / "nan.jsonl"), "--out", str(out)]) == 0
+    assert {"nan-flow.png", "nan-heatmap.png"} <= {p.name for p in out.glob("*.png")}
+    page = page_of(out)
+    flow = base64.b64encode((out / "nan-flow.png").read_bytes()).decode()
+    assert flow in page and "no gradient" not in page

@@ -29,6 +29,7 @@ import gradscope
 from .data import ENV_VAR, Batches, batches_of, check_image_folder, load_cifar10
 from .models import MODEL_PATTERNS, build_model, family
 from ..report import out_dir_problem
+from ..verdict import alert_summary, verdict
 
 _ACT = [("sigmoid", "xavier"), ("tanh", "xavier"), ("relu", "kaiming")]
 PRESETS = {
@@ -183,22 +184,28 @@ def train(name: str, data, cfg: Config, run_dir: Path, device, rank: int = 0, wo
     return _row(name, model, steps, metrics[-1], wall, scope, data.source)
 
 
+def _max_dead(record) -> float:
+    """The largest dead fraction over the ReLU sites of ``record`` (nan: none)."""
+    dead = [st["dead_fraction"] for st in record.layers.values() if math.isfinite(st.get("dead_fraction", math.nan))]
+    return max(dead) if dead else math.nan
+
+
 def _row(name, model, steps, last, wall, scope, source) -> dict:
     latest = scope.latest()
-    dead = [st["dead_fraction"] for st in latest.values() if "dead_fraction" in st]
     through = [(st["through_time_ratio"], st["through_time_reach"]) for st in latest.values()
                if "through_time_reach" in st]
-    kinds = {}
-    for a in scope.alerts:
-        kinds[a.kind] = kinds.get(a.kind, 0) + 1
     records = scope.history.records()
+    dead = [_max_dead(r) for r in records]
+    finite_dead = [d for d in dead if math.isfinite(d)]
     return {
         "model": name, "params": sum(p.numel() for p in model.parameters()), "steps": steps,
         "train_acc": round(last["train_acc"], 4), "test_acc": round(last["test_acc"], 4), "wall_s": round(wall, 1),
-        "alerts": " ".join(f"{k}:{v}" for k, v in kinds.items()) or "-",
+        "verdict": verdict(scope),
+        "alerts": "; ".join(k.describe() for k in alert_summary(scope)) or "-",
         "signal_in/out_init": scope.signal_ratio(records[0]) if records else math.nan,
         "signal_in/out_end": scope.signal_ratio(records[-1]) if records else math.nan,
-        "max_dead": max(dead) if dead else math.nan,
+        "dead_max": max(finite_dead) if finite_dead else math.nan,
+        "dead_final": dead[-1] if dead else math.nan,
         "through_time_ratio": through[0][0] if through else math.nan,
         "reach_steps": through[0][1] if through else math.nan,
         "data": source,
@@ -217,19 +224,30 @@ def _progress(total, name, enabled):
 
 COLUMNS = [("model", "model", "{}"), ("params", "params", "{:,}"), ("steps", "steps", "{}"),
            ("train_acc", "train acc", "{:.3f}"), ("test_acc", "test acc", "{:.3f}"), ("wall_s", "wall s", "{:.1f}"),
-           ("signal_in/out_init", "signal in/out (init)", "{:.1e}"), ("signal_in/out_end", "signal in/out (end)", "{:.1e}"),
-           ("max_dead", "max dead", "{:.2f}"), ("through_time_ratio", "first/last step grad", "{:.1e}"),
-           ("reach_steps", "reach (steps)", "{:.0f}"), ("alerts", "alerts", "{}")]
+           ("signal_in/out_init", "signal in/out (step 0)", "{:.1e}"),
+           ("signal_in/out_end", "signal in/out (last step)", "{:.1e}"),
+           ("dead_max", "dead (max over run)", "{:.2f}"), ("dead_final", "dead (last step)", "{:.2f}"),
+           ("through_time_ratio", "first/last step grad", "{:.1e}"), ("reach_steps", "reach (steps)", "{:.0f}"),
+           ("alerts", "alerts (kind x count)", "{}"), ("verdict", "verdict", "{}")]
+"""(row key, column title, format) of the comparison table. "dead": the largest fraction of dead units over the
+ReLU sites; "alerts": per kind, how many fired, from which step, and whether the condition still held at the last
+collected step or cleared (:func:`gradscope.verdict.alert_summary`)."""
 
 
-def format_table(rows: list[dict]) -> str:
-    """The comparison as a Markdown table (readable in a terminal too)."""
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """The comparison as a Markdown table (readable in a terminal too); ``columns``: the row keys to show (default:
+    all of :data:`COLUMNS`), in their order there."""
+    cols = [c for c in COLUMNS if columns is None or c[0] in columns]
+    unknown = set(columns or ()) - {k for k, _, _ in COLUMNS}
+    if unknown:
+        raise ValueError(f"unknown columns {sorted(unknown)}; choose from {[k for k, _, _ in COLUMNS]}")
+
     def cell(row, key, fmt):
         v = row.get(key)
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
-    lines = ["| " + " | ".join(t for _, t, _ in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
+    lines = ["| " + " | ".join(t for _, t, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -271,7 +289,10 @@ def run(cfg: Config) -> tuple[Path, list[dict]]:
         from ..run import load
         from ..report import write_report
 
-        page = write_report([(name, load(out / name / "gradscope.jsonl")) for name in cfg.models], out / "figures")
+        facts = {r["model"]: {"train acc": f"{r['train_acc']:.3f}", "test acc": f"{r['test_acc']:.3f}",
+                              "wall s": f"{r['wall_s']:.1f}"} for r in rows}
+        page = write_report([(name, load(out / name / "gradscope.jsonl")) for name in cfg.models], out / "figures",
+                            facts=facts)
         print(f"figures and report: {page}")
     except ImportError:
         print("(no figures: matplotlib is not installed; pip install 'gradscope[plot]')")
