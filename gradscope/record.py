@@ -7,6 +7,8 @@ build on it.
 from __future__ import annotations
 
 import math
+import sys
+from array import array
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -117,6 +119,11 @@ class History:
     Holds at most ``max_records`` records. When full it drops every other record and from then on keeps every second
     offered record (then every fourth, ...), so the whole run stays covered at a coarser step resolution and memory never
     grows. The newest record is always available as ``history.last`` even if thinning skipped it.
+
+    Records are kept packed: the numbers of a record are one ``array('d')`` (8 bytes each, float64 so a float64
+    model's tiny gradients survive), laid out by a column list shared with the records before it while the model's
+    layers and statistics stay the same; a through-time profile stays the ``array('f')`` it is. Reading
+    (``history[i]``, iterating, :meth:`records`) gives :class:`StepRecord` objects equal to those appended.
     """
 
     def __init__(self, max_records: int = 2000):
@@ -125,11 +132,14 @@ class History:
         self.max_records = max_records
         self.stride = 1
         self._offered = 0
-        self._records: list[StepRecord] = []
+        self._records: list[_Packed] = []
+        self._last_kept = False
+        self._columns: tuple | None = None  # the column list of the newest packed record, reused while it fits
         self.last: StepRecord | None = None
 
     def append(self, record: StepRecord) -> None:
         self.last = record
+        self._last_kept = False
         if self._offered % self.stride == 0:
             if len(self._records) >= self.max_records:
                 self._records = self._records[::2]
@@ -137,28 +147,93 @@ class History:
                 if self._offered % self.stride != 0:
                     self._offered += 1
                     return
-            self._records.append(record)
+            self._records.append(self._pack(record))
+            self._last_kept = True
         self._offered += 1
+
+    def _pack(self, record: StepRecord) -> "_Packed":
+        columns, values, other = [], array("d"), {}
+        for part, table in ((0, record.layers), (1, record.params)):
+            for name, stats in table.items():
+                for stat, v in stats.items():
+                    if type(v) is float:
+                        columns.append((part, name, stat, _FLOAT))
+                        values.append(v)
+                    elif type(v) is int and -_EXACT < v < _EXACT:  # a count: exact as a float, an int again on reading
+                        columns.append((part, name, stat, _INT))
+                        values.append(v)
+                    else:  # a through-time profile (an array('f') already), an int beyond 2**53, anything else
+                        columns.append((part, name, stat, _OTHER))
+                        values.append(math.nan)
+                        other[len(values) - 1] = v
+        columns = tuple(columns)
+        if columns != self._columns:  # usually equal: the same layers and statistics as the record before
+            self._columns = columns
+        return _Packed(record.step, self._columns, values, other or None, dict(record.info))
 
     def __len__(self) -> int:
         return len(self._records)
 
     def __iter__(self) -> Iterator[StepRecord]:
-        return iter(self._records)
+        return (p.unpack() for p in self._records)
 
     def __getitem__(self, i):
-        return self._records[i]
+        if isinstance(i, slice):
+            return [p.unpack() for p in self._records[i]]
+        return self._records[i].unpack()
 
     def __bool__(self) -> bool:
         return bool(self._records)
 
     @property
     def steps(self) -> list[int]:
-        return [r.step for r in self._records]
+        return [p.step for p in self._records]
 
     def records(self) -> list[StepRecord]:
         """Kept records plus the newest one if thinning skipped it."""
-        out = list(self._records)
-        if self.last is not None and (not out or out[-1] is not self.last):
-            out.append(self.last)
+        out = [p.unpack() for p in self._records]
+        if self.last is not None:
+            if self._last_kept:
+                out[-1] = self.last
+            else:
+                out.append(self.last)
         return out
+
+    def nbytes(self) -> int:
+        """The memory the kept records take (their numbers, column lists counted once, profiles and facts), in bytes:
+        what ``history`` costs beside the newest record."""
+        seen, total = set(), 0
+        for p in self._records:
+            total += sys.getsizeof(p) + p.values.buffer_info()[1] * p.values.itemsize + sys.getsizeof(p.info)
+            if id(p.columns) not in seen:
+                seen.add(id(p.columns))
+                total += sys.getsizeof(p.columns) + sum(sys.getsizeof(c) for c in p.columns)
+            for v in (p.other or {}).values():
+                total += sys.getsizeof(v)
+        return total
+
+
+_FLOAT, _INT, _OTHER = 0, 1, 2
+_EXACT = 2**53  # ints below this in size are exact as floats
+
+
+class _Packed:
+    """One kept record: its step, a shared column list ``(part, name, statistic, type)`` (part 0: layers, 1:
+    parameters), the numbers in that order, the values that are not numbers by their position, and the step's
+    facts."""
+
+    __slots__ = ("step", "columns", "values", "other", "info")
+
+    def __init__(self, step, columns, values, other, info):
+        self.step, self.columns, self.values, self.other, self.info = step, columns, values, other, info
+
+    def unpack(self) -> StepRecord:
+        parts: tuple[dict, dict] = ({}, {})
+        other = self.other or {}
+        for k, ((part, name, stat, kind), v) in enumerate(zip(self.columns, self.values)):
+            table = parts[part]
+            stats = table.get(name)
+            if stats is None:
+                stats = table[name] = {}
+            stats[stat] = v if kind == _FLOAT else int(v) if kind == _INT else other[k]
+        return StepRecord(self.step, parts[0], parts[1], dict(self.info))

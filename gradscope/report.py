@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from .run import Run, load
+from .verdict import alert_summary, dead_extent, verdict
 
 
 def find_logs(arg: str) -> list[tuple[str, Path]]:
@@ -118,31 +119,14 @@ def _number(v, fmt: str = "{:.2g}") -> str:
     return fmt.format(v) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
 
 
-def _dead(run: Run) -> tuple[float, float] | None:
-    """``(largest, final)`` dead fraction over the ReLU sites: the largest over every collected step and site, and the
-    largest at the last collected step; None when the run has no ReLU site (NaN values are passed over)."""
-    per_step = []
-    for r in run.history.records():
-        vals = [st["dead_fraction"] for st in r.layers.values() if "dead_fraction" in st]
-        if vals:
-            finite = [v for v in vals if math.isfinite(v)]
-            per_step.append(max(finite) if finite else math.nan)
-    if not per_step:
-        return None
-    finite = [v for v in per_step if math.isfinite(v)]
-    return (max(finite) if finite else math.nan), per_step[-1]
-
-
 def run_facts(run: Run) -> dict[str, str]:
     """The comparison-table row of one run (without its label), formatted: verdict, parameters, collected steps,
     input-side / output-side backprop signal at the first and the last collected step, the largest dead fraction
     over the run against its final value, and the alerts per kind."""
-    from .verdict import alert_summary, verdict
-
     records = run.history.records()
     params = sum(entry.params for entry in run.meta["layers"])
     steps = f"{len(records)}" + (f" ({records[0].step}-{records[-1].step})" if records else "")
-    dead = _dead(run)
+    dead = dead_extent(run)
     return {
         "verdict": verdict(run),
         "params": f"{params:,}",
@@ -178,7 +162,7 @@ td.num{text-align:right;white-space:nowrap}
 .badge{font-weight:bold}
 .healthy{border-color:#009E73} .healthy .badge,.badge.healthy{color:#007a5a}
 .flagged{border-color:#D55E00} .flagged .badge,.badge.flagged{color:#b34a00}
-.recovered{border-color:#E69F00} .recovered .badge,.badge.recovered{color:#8a5d00}
+.cleared{border-color:#E69F00} .cleared .badge,.badge.cleared{color:#8a5d00}
 .remedy{background:#eef5fb;padding:4px 8px}
 .note{color:#555;font-style:italic}
 @media (max-width:900px){pre{white-space:pre}}

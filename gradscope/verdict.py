@@ -8,6 +8,7 @@ those counts existed still gets the counts and first steps, with "active" unknow
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 HOLDING = "holding."  # prefix of the step-info keys that count the conditions holding at that step, per kind
@@ -67,10 +68,27 @@ def alert_summary(run) -> list[KindSummary]:
     return sorted(out, key=lambda s: s.first_step)
 
 
+def dead_extent(run) -> tuple[float, float] | None:
+    """``(largest, final)`` dead-unit fraction of ``run``: the largest over every collected step and ReLU site, and the
+    largest over the sites at the last collected step that has them (``nan`` where every value is); None when the
+    run has no ReLU site."""
+    per_step = []
+    for r in run.history.records():
+        values = [st["dead_fraction"] for st in r.layers.values() if "dead_fraction" in st]
+        if values:
+            finite = [v for v in values if math.isfinite(v)]
+            per_step.append(max(finite) if finite else math.nan)
+    if not per_step:
+        return None
+    finite = [v for v in per_step if math.isfinite(v)]
+    return (max(finite) if finite else math.nan), per_step[-1]
+
+
 def verdict(run) -> str:
     """The answer in a few words: ``"healthy"`` (no alert), ``"flagged: vanishing from step 4"`` (a condition still
-    held at the end; the earliest such kind named, with how many more), ``"recovered: exploding at step 0, cleared by
-    step 40"`` (every condition cleared), or ``"no steps collected"``."""
+    held at the end; the earliest such kind named, with how many more), ``"cleared: exploding from step 0; none active
+    since step 40"`` (alerts fired and every condition cleared: the gradients look healthy now, which says nothing of
+    what the episode cost the training), or ``"no steps collected"``."""
     if not run.history.records() and not run.alerts:
         return "no steps collected"
     kinds = alert_summary(run)
@@ -84,5 +102,5 @@ def verdict(run) -> str:
         return f"flagged: {first.kind} from step {first.first_step}{more}"
     last = max(kinds, key=lambda k: k.cleared_by if k.cleared_by is not None else -1)
     what = ", ".join(dict.fromkeys(k.kind for k in kinds))
-    return f"recovered: {what} from step {kinds[0].first_step}" + \
-        (f", cleared by step {last.cleared_by}" if last.cleared_by is not None else "")
+    return f"cleared: {what} from step {kinds[0].first_step}" + \
+        (f"; none active since step {last.cleared_by}" if last.cleared_by is not None else "")

@@ -50,7 +50,7 @@ def test_dead_units_exact(body, site):
     scope = gradscope.watch(model, dead_window=400)
     for step in range(5):  # 5 x 100 samples: the window fills at step 3
         F.cross_entropy(model(torch.randn(100, 8)), torch.randint(0, 3, (100,))).backward()
-        new = scope.step()
+        scope.step()
         model.zero_grad()
         st = scope.latest()[site]
         assert st["dead_fraction"] == len(DEAD) / N_UNITS and st["units"] == N_UNITS

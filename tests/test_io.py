@@ -245,3 +245,46 @@ def test_save_refuses_a_path_that_is_not_a_regular_file(run_file, tmp_path):
     with pytest.raises(ValueError, match="not a regular file"):
         scope.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_history_keeps_records_packed_and_reads_them_back_equal():
+    from array import array
+
+    h = History(4)
+    recs = []
+    for s in range(9):
+        layers = {"a": {"grad_norm": 0.1 * s, "dead_units": s, "huge": 2**60 + s},
+                  "rnn": {"through_time_ratio": 1e-40, "through_time": array("f", [1.0, 2.0 + s])}}
+        params = {"a.weight": {"grad_norm": float("nan"), "grad_nonfinite": 3}}
+        recs.append(StepRecord(s, layers, params, {"grad_scale": 1.0, "overflow": False, "holding.vanishing": 2}))
+        h.append(recs[-1])
+    assert h.steps == [0, 4, 8] and h.last is recs[-1] and len(h) == 3  # thinned as before
+    for got, want in zip(h, [recs[0], recs[4], recs[8]]):
+        assert got.step == want.step and got.info == want.info and list(got.layers) == list(want.layers)
+        for name in want.layers:
+            assert list(got.layers[name]) == list(want.layers[name])  # the same statistics, in the same order
+            for stat, v in want.layers[name].items():
+                assert type(got.layers[name][stat]) is type(v) and got.layers[name][stat] == v
+        assert math.isnan(got.params["a.weight"]["grad_norm"]) and got.params["a.weight"]["grad_nonfinite"] == 3
+    assert h[-1].layers["a"]["huge"] == 2**60 + 8  # an int beyond 2**53 stays exact
+    assert h._records[0].columns is h._records[-1].columns  # one column list while the layout stays the same
+    assert h.records()[-1] is recs[-1]
+
+
+def test_history_costs_at_most_16_bytes_per_value_on_a_real_run():
+    import torch
+    import torch.nn.functional as F
+
+    from gradscope.bench.models import deep_mlp
+
+    model = deep_mlp(20, 64, "relu", init="kaiming", in_features=32)
+    scope = gradscope.watch(model, history=100)
+    x, y = torch.randn(64, 32), torch.randint(0, 10, (64,))
+    for _ in range(30):
+        F.cross_entropy(model(x), y).backward()
+        scope.step()
+        model.zero_grad()
+    values = sum(len(st) for r in scope.history for part in (r.layers, r.params) for st in part.values())
+    per_value = scope.history.nbytes() / values
+    assert values > 30 * 100 and per_value <= 16, per_value
+    scope.detach()

@@ -47,7 +47,7 @@ def test_a_condition_that_cleared_says_when():
     (k,) = alert_summary(run)
     assert (k.active, k.last_held, k.cleared_by) == (False, 10, 20)
     assert k.describe() == "exploding x1 (step 0, cleared by step 20)"
-    assert verdict(run) == "recovered: exploding from step 0, cleared by step 20"
+    assert verdict(run) == "cleared: exploding from step 0; none active since step 20"
 
 
 def test_two_active_kinds_are_both_named_and_an_old_log_is_not_called_cleared():

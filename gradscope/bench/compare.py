@@ -29,7 +29,7 @@ import gradscope
 from .data import ENV_VAR, Batches, batches_of, check_image_folder, load_cifar10
 from .models import MODEL_PATTERNS, build_model, family
 from ..report import out_dir_problem
-from ..verdict import alert_summary, verdict
+from ..verdict import alert_summary, dead_extent, verdict
 
 _ACT = [("sigmoid", "xavier"), ("tanh", "xavier"), ("relu", "kaiming")]
 PRESETS = {
@@ -184,19 +184,12 @@ def train(name: str, data, cfg: Config, run_dir: Path, device, rank: int = 0, wo
     return _row(name, model, steps, metrics[-1], wall, scope, data.source)
 
 
-def _max_dead(record) -> float:
-    """The largest dead fraction over the ReLU sites of ``record`` (nan: none)."""
-    dead = [st["dead_fraction"] for st in record.layers.values() if math.isfinite(st.get("dead_fraction", math.nan))]
-    return max(dead) if dead else math.nan
-
-
 def _row(name, model, steps, last, wall, scope, source) -> dict:
     latest = scope.latest()
     through = [(st["through_time_ratio"], st["through_time_reach"]) for st in latest.values()
                if "through_time_reach" in st]
     records = scope.history.records()
-    dead = [_max_dead(r) for r in records]
-    finite_dead = [d for d in dead if math.isfinite(d)]
+    dead = dead_extent(scope) or (math.nan, math.nan)
     return {
         "model": name, "params": sum(p.numel() for p in model.parameters()), "steps": steps,
         "train_acc": round(last["train_acc"], 4), "test_acc": round(last["test_acc"], 4), "wall_s": round(wall, 1),
@@ -204,8 +197,8 @@ def _row(name, model, steps, last, wall, scope, source) -> dict:
         "alerts": "; ".join(k.describe() for k in alert_summary(scope)) or "-",
         "signal_in/out_init": scope.signal_ratio(records[0]) if records else math.nan,
         "signal_in/out_end": scope.signal_ratio(records[-1]) if records else math.nan,
-        "dead_max": max(finite_dead) if finite_dead else math.nan,
-        "dead_final": dead[-1] if dead else math.nan,
+        "dead_max": dead[0],
+        "dead_final": dead[1],
         "through_time_ratio": through[0][0] if through else math.nan,
         "reach_steps": through[0][1] if through else math.nan,
         "data": source,

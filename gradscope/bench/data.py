@@ -78,7 +78,6 @@ def find_cifar10_folder(data_dir: str | os.PathLike | None = None) -> Path | Non
 
 def _torchvision():
     try:
-        import torchvision  # noqa: F401
         from torchvision.datasets import CIFAR10, ImageFolder
     except ImportError as e:
         raise ImportError("loading CIFAR-10 needs torchvision: pip install 'gradscope[examples]'") from e
