@@ -1,6 +1,11 @@
 """Overhead of monitoring, measured side by side: median step time of each monitor relative to plain training.
 
-    python scripts/bench_overhead.py [--models resnet18 resnet20 mlp20 lstm] [--steps 20] [--rounds 3] [--device cpu]
+    python scripts/bench_overhead.py [--models resnet18 resnet20 mlp20 lstm gpt2] [--steps 20] [--rounds 3]
+                                     [--device cpu] [--phases] [--history 200] [--growth 10000]
+
+Models: torchvision resnet18 and gradscope's CIFAR ResNet-20 on 32x32 images, a 20-layer ReLU MLP of width 256, an
+LSTM over 32 image rows, and a GPT-2-style transformer (Hugging Face GPT2LMHeadModel from a config: 4 layers, 128
+wide, tied embeddings; batch 8 x 64 byte tokens; needs transformers, the bench extra).
 
 Monitors: plain training, gradscope every=1, every=10, every=1 with all optional extra_stats (max |g|, zero
 fraction, weight norms), a per-parameter .item() loop, TensorBoard add_histogram per parameter, wandb.watch offline.
@@ -31,15 +36,47 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import gradscope
 from gradscope.bench.models import build_model, deep_mlp
 
-MODELS = {  # name: (builder, batch size, input shape)
-    "resnet18": (lambda: __import__("torchvision").models.resnet18(num_classes=10), 64, (3, 32, 32)),
-    "resnet20": (lambda: build_model("resnet20"), 128, (3, 32, 32)),
-    "mlp20": (lambda: deep_mlp(20, 256, "relu", "kaiming"), 128, (3, 32, 32)),
-    "lstm": (lambda: build_model("lstm-rows"), 128, (3, 32, 32)),
+def images(n: int, device) -> tuple:
+    """A CIFAR-shaped batch: ``n`` random 3x32x32 images and class labels."""
+    return torch.randn(n, 3, 32, 32, device=device), torch.randint(0, 10, (n,), device=device)
+
+
+SEQUENCE, VOCAB = 64, 256  # the transformer's context and its byte-level vocabulary
+
+
+def tokens(n: int, device) -> tuple:
+    """``n`` random byte sequences and their next-byte targets, flattened as the model's logits are."""
+    ids = torch.randint(0, VOCAB, (n, SEQUENCE + 1), device=device)
+    return ids[:, :-1].contiguous(), ids[:, 1:].reshape(-1)
+
+
+class CausalLM(nn.Module):
+    """A Hugging Face GPT-2 (attention, LayerNorm, GELU, tied input/output embeddings) built from a config, random
+    init, whose forward returns the next-token logits flattened to ``(batch * positions, vocab)``."""
+
+    def __init__(self, layers: int = 4, width: int = 128, heads: int = 4):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=VOCAB, n_positions=SEQUENCE, n_embd=width, n_layer=layers, n_head=heads,
+                            tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+        self.gpt = GPT2LMHeadModel(config)
+
+    def forward(self, ids):
+        return self.gpt(input_ids=ids).logits.reshape(-1, VOCAB)
+
+
+MODELS = {  # name: (builder, batch size, batch maker)
+    "resnet18": (lambda: __import__("torchvision").models.resnet18(num_classes=10), 64, images),
+    "resnet20": (lambda: build_model("resnet20"), 128, images),
+    "mlp20": (lambda: deep_mlp(20, 256, "relu", "kaiming"), 128, images),
+    "lstm": (lambda: build_model("lstm-rows"), 128, images),
+    "gpt2": (CausalLM, 8, tokens),
 }
 
 
@@ -175,12 +212,11 @@ def _status_mib(field: str) -> float:
 def bench(name, args, device, monitors):
     """Each monitor trains its own copy of the model (same weights, same batches); one step of each in turn, in a new
     random order every cycle, so slow phases of a shared machine hit every monitor alike. Ratios are per cycle."""
-    make, batch, shape = MODELS[name]
+    make, batch, make_batch = MODELS[name]
     batch = args.batch_size or batch
     torch.manual_seed(0)
     base = make().to(device)
-    batches = [(torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device))
-               for _ in range(4)]
+    batches = [make_batch(batch, device) for _ in range(4)]
     runs = []
     for m in monitors:
         model = copy.deepcopy(base)
@@ -248,11 +284,11 @@ PHASES = ("forward", "backward", "gradscope step()", "optimizer step")
 
 def phases(name: str, args, device) -> None:
     """Where gradscope every=1 spends its time: each phase of a step, plain vs watched, one step of each in turn."""
-    make, batch, shape = MODELS[name]
+    make, batch, make_batch = MODELS[name]
     batch = args.batch_size or batch
     torch.manual_seed(0)
     base = make().to(device)
-    x, y = torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device)
+    x, y = make_batch(batch, device)
     runs = []
     for watched in (False, True):
         model = copy.deepcopy(base)
@@ -288,6 +324,58 @@ def phases(name: str, args, device) -> None:
         print(f"| {phase} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
 
 
+def _deep_size(obj) -> int:
+    """Bytes of ``obj`` and everything it holds (dicts, lists, tuples, arrays, numbers, strings counted once)."""
+    seen, total, todo = set(), 0, [obj]
+    while todo:
+        o = todo.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        total += sys.getsizeof(o)
+        if isinstance(o, dict):
+            todo.extend(o.keys())
+            todo.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            todo.extend(o)
+        elif hasattr(o, "__dict__") and not isinstance(o, type):
+            todo.append(o.__dict__)
+    return total
+
+
+HISTORY_MODELS = {  # name: (builder, batch, batch maker)
+    "resnet50": (lambda: __import__("torchvision").models.resnet50(num_classes=10), 2, images),
+    "gpt2": (CausalLM, 2, tokens),
+}
+
+
+def history_memory(steps: int, device) -> None:
+    """Memory of the in-memory history per collected step: gradscope's packed records against the same records as
+    plain dicts of Python floats (what a record is when read, and what history held before it was packed)."""
+    print(f"\nhistory memory after {steps} collected steps (every=1, default statistics)\n"
+          "| model | layers | parameters | values per record | packed bytes per record | bytes per value | "
+          "as dicts: bytes per record | bytes per value |\n|---|---|---|---|---|---|---|---|")
+    for name, (make, batch, make_batch) in HISTORY_MODELS.items():
+        torch.manual_seed(0)
+        model = make().to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        scope = gradscope.watch(model)
+        for _ in range(steps):
+            x, y = make_batch(batch, device)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            scope.step()
+            opt.step()
+        h = scope.history
+        values = sum(len(st) for part in (h.last.layers, h.last.params) for st in part.values())
+        packed = h.nbytes() / len(h)
+        as_dicts = sum(_deep_size(r.layers) + _deep_size(r.params) + _deep_size(r.info) for r in h) / len(h)
+        print(f"| {name} | {len(h.last.layers)} | {len(h.last.params)} | {values} | {packed:,.0f} | "
+              f"{packed / values:.1f} | {as_dicts:,.0f} | {as_dicts / values:.1f} |", flush=True)
+        scope.detach()
+
+
 def growth(args, device) -> None:
     """RSS (CUDA: memory allocated) over a long run of the 20-layer MLP with gradscope every=1: it must stay flat."""
     torch.manual_seed(0)
@@ -319,6 +407,9 @@ def main(argv=None):
     ap.add_argument("--phases", action="store_true",
                     help="also print where gradscope every=1 spends its time (forward, backward, step(), optimizer)")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child of memory_in_child
+    ap.add_argument("--history", type=int, default=0, metavar="STEPS",
+                    help="also print the history's memory per record after this many steps of resnet50 and the "
+                         "GPT-2-style model (e.g. 200)")
     ap.add_argument("--growth", type=int, default=0, metavar="STEPS",
                     help="also train the MLP this many steps with gradscope and print the memory in use (e.g. 10000)")
     args = ap.parse_args(argv)
@@ -341,6 +432,8 @@ def main(argv=None):
     if args.phases:
         for name in args.models:
             phases(name, args, device)
+    if args.history:
+        history_memory(args.history, device)
     if args.growth:
         growth(args, device)
     for note in notes:

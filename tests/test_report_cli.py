@@ -275,7 +275,9 @@ def nonfinite_markers(ax):
     return [line for line in ax.lines if "NaN/Inf" in line.get_label() and line.get_xdata().size]
 
 
-def test_flow_and_heatmap_after_partly_nan_gradients_draw_the_finite_layers_and_mark_the_rest(tmp_path):
+def poisoned_run(learn: bool):
+    """A scope over two steps of :class:`Poisonable`: a clean one (followed by an SGD step when ``learn``), then one
+    whose input side has NaN gradients."""
     model = Poisonable()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     scope = gradscope.watch(model)
@@ -284,10 +286,15 @@ def test_flow_and_heatmap_after_partly_nan_gradients_draw_the_finite_layers_and_
         model.poison = poison
         F.cross_entropy(model(x), y).backward()
         scope.step()
-        if not poison:
+        if learn and not poison:
             opt.step()
         opt.zero_grad()
     scope.detach()
+    return scope
+
+
+def test_flow_and_heatmap_after_partly_nan_gradients_draw_the_finite_layers_and_mark_the_rest(tmp_path):
+    scope = poisoned_run(learn=True)
     names = [e["name"] for e in scope.meta["layers"] if e.get("profile") and e["name"] in scope.latest()]
     stats = [scope.latest()[n] for n in names]
     bad = [i for i, st in enumerate(stats) if any(not math.isfinite(st.get(k, 0.0))
@@ -487,15 +494,7 @@ def test_the_page_keeps_within_its_width(run_file, tmp_path):
 
 
 def test_a_report_after_nan_gradients_draws_the_flow_with_its_marks(tmp_path):
-    model = Poisonable()
-    scope = gradscope.watch(model)
-    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
-    for poison in (False, True):
-        model.poison = poison
-        F.cross_entropy(model(x), y).backward()
-        scope.step()
-        model.zero_grad()
-    scope.detach()
+    scope = poisoned_run(learn=False)
     assert any(not math.isfinite(st.get("backprop_signal", 0.0)) for st in scope.latest().values())
     assert figures.uninformative(scope, "flow") is None and figures.uninformative(scope, "heatmap") is None
     scope.save(tmp_path / "nan.jsonl")
