@@ -24,6 +24,7 @@ import re
 import sys
 from pathlib import Path
 
+from . import figures
 from .run import Run, load
 from .verdict import alert_summary, dead_extent, verdict
 
@@ -95,8 +96,6 @@ def _figures(label: str, stem: str, run: Run, out: Path) -> tuple[list[tuple[str
     for (no ReLU, no recurrent layer) is left out silently; one that would only show zeros or one constant (no dead
     unit at any step) is left out with a note that says so instead."""
     import matplotlib.pyplot as plt
-
-    from . import figures
 
     made, notes = [], []
     for kind, caption in FIGURE_KINDS:
@@ -199,7 +198,17 @@ def _table(header: list[str], rows: list[list[str]], numeric: set[int] = frozens
     return f"<div class='scroll'><table><tr>{head}</tr>{body}</table></div>"
 
 
-def write_report(runs: list[tuple[str, Run]], out: Path, *, facts: dict[str, dict[str, str]] | None = None) -> Path:
+def _pyplot():
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("gradscope report draws its figures with matplotlib: pip install 'gradscope[plot]', "
+                          "or pass --no-figures (draw=False) for a page of text only") from e
+    return plt
+
+
+def write_report(runs: list[tuple[str, Run]], out: Path, *, facts: dict[str, dict[str, str]] | None = None,
+                 draw: bool = True) -> Path:
     """Write the PNGs and ``report.html`` for ``runs`` into ``out``; return the HTML path.
 
     The page reads top-down: each run's verdict with its first alert and that alert's remedy; a comparison table
@@ -216,12 +225,13 @@ def write_report(runs: list[tuple[str, Run]], out: Path, *, facts: dict[str, dic
         out: the directory to write into (created if needed).
         facts: more table columns per run, ``{label: {column title: formatted value}}`` (e.g. the accuracies and
             wall time ``gradscope compare`` measured); a run without an entry gets ``-``.
+        draw: False for a page of text only (verdicts, table, summaries): no figure is drawn, so matplotlib is not
+            needed (``gradscope report --no-figures``).
+
+    Raises:
+        ImportError: ``draw`` and matplotlib is not installed (the message names both fixes).
     """
-    import matplotlib.pyplot as plt
-
-    from . import figures
-    from .verdict import alert_summary, verdict
-
+    plt = _pyplot() if draw else None
     out.mkdir(parents=True, exist_ok=True)
     given = [label for label, _ in runs]
     runs = list(zip(_unique(given), (run for _, run in runs)))
@@ -230,8 +240,8 @@ def write_report(runs: list[tuple[str, Run]], out: Path, *, facts: dict[str, dic
     extra = list(dict.fromkeys(extra))
     stems = _unique([_file_stem(label) for label, _ in runs], key=str.casefold)
     images, opened = [], []
-    per_run = [_figures(label, stem, run, out) for (label, run), stem in zip(runs, stems)]
-    if len(runs) > 1:
+    per_run = [_figures(label, stem, run, out) if draw else ([], []) for (label, run), stem in zip(runs, stems)]
+    if len(runs) > 1 and draw:
         metrics = ["signal_ratio", "grad_norm"]
         for metric, kind in (("max_dead", "dead"), ("saturation", "saturation")):
             stat = figures.SERIES_STAT[metric]
@@ -262,7 +272,9 @@ def write_report(runs: list[tuple[str, Run]], out: Path, *, facts: dict[str, dic
     remedies = _Remedies()
     n = len(runs)
     parts = [f"<h1>gradscope report: {n} run{'s' if n > 1 else ''}</h1>", "<h2 id='verdicts'>Verdicts</h2>"]
-    for (label, run), anchor, said in zip(runs, ids, verdicts):
+    severity = {"flagged": 0, "cleared": 1, "healthy": 3}  # flagged runs first: the answer leads
+    order = sorted(range(n), key=lambda k: severity.get(_verdict_class(verdicts[k]), 2))
+    for (label, run), anchor, said in (list(zip(runs, ids, verdicts))[k] for k in order):
         alerts = sorted(run.alerts, key=lambda a: a.step)
         block = [f"<p><a href='#{anchor}'><b>{html.escape(label)}</b></a>: "
                  f"<span class='badge'>{html.escape(said)}</span></p>"]
@@ -344,6 +356,8 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", metavar="RUN")
     ap.add_argument("--out", required=True, help="directory for the PNGs and report.html (created if needed)")
     ap.add_argument("--force", action="store_true", help="write over a report.html already in --out")
+    ap.add_argument("--no-figures", dest="draw", action="store_false",
+                    help="a page of text only (verdicts, table, summaries); needs no matplotlib")
     args = ap.parse_args(argv)
     problem = out_dir_problem(args.out)
     if problem:
@@ -360,8 +374,8 @@ def main(argv=None) -> int:
                 raise ValueError(f"{log} has no collected step: nothing to report")
             run.meta.setdefault("label", label)
             runs.append((label, run))
-        path = write_report(runs, Path(args.out))
-    except (OSError, ValueError) as e:
+        path = write_report(runs, Path(args.out), draw=args.draw)
+    except (OSError, ValueError, ImportError) as e:
         print(f"gradscope report: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {path}")

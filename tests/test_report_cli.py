@@ -4,6 +4,7 @@ import base64
 import html
 import math
 import re
+import sys
 
 import matplotlib
 import pytest
@@ -169,18 +170,31 @@ def test_report_out_must_be_a_directory(run_file, tmp_path, capsys, monkeypatch,
 def test_report_refuses_to_overwrite_a_report_without_force(run_file, tmp_path, capsys):
     _, log = run_file
     out = tmp_path / "rep"
-    assert report.main([str(log), "--out", str(out)]) == 0
+    assert report.main([str(log), "--out", str(out), "--no-figures"]) == 0
     first = (out / "report.html").read_bytes()
     (out / "report.html").write_text("my notes")
     with pytest.raises(SystemExit) as exit_:
-        report.main([str(log), "--out", str(out)])
+        report.main([str(log), "--out", str(out), "--no-figures"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "already holds a report" in err and "--force" in err
     no_traceback(err)
     assert (out / "report.html").read_text() == "my notes"  # untouched
-    assert report.main([str(log), "--out", str(out), "--force"]) == 0
+    assert report.main([str(log), "--out", str(out), "--force", "--no-figures"]) == 0
     assert (out / "report.html").read_bytes() == first
+
+
+def test_a_page_without_figures_needs_no_matplotlib_and_keeps_the_text(run_file, tmp_path, monkeypatch):
+    scope, log = run_file
+    out = tmp_path / "rep"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed: importing it fails
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    assert report.main([str(log), "--out", str(out), "--no-figures"]) == 0
+    page = page_of(out)
+    assert "data:image/png" not in page and not list(out.glob("*.png"))
+    assert html.escape(gradscope.verdict.verdict(scope)) in page and "gradscope summary" in page
+    with pytest.raises(ImportError, match="--no-figures"):  # without the flag: the fix, named
+        report.write_report([("run", gradscope.load(log))], tmp_path / "drawn")
 
 
 # item 13: compare arguments and data directory ---------------------------------------------------------------------
@@ -435,10 +449,10 @@ def test_facts_add_columns_and_the_positional_call_still_works(run_file, tmp_pat
     scope, log = run_file
     small = save_small_run(tmp_path / "small.jsonl")
     runs = [("sigmoid", gradscope.load(log)), ("relu", gradscope.load(tmp_path / "small.jsonl"))]
-    page = page_of(report.write_report(runs, tmp_path / "plain").parent)
+    page = page_of(report.write_report(runs, tmp_path / "plain", draw=False).parent)
     assert "test acc" not in page
     facts = {"relu": {"test acc": "0.412", "wall (s)": "3.5"}}
-    path = report.write_report(runs, tmp_path / "facts", facts=facts)
+    path = report.write_report(runs, tmp_path / "facts", facts=facts, draw=False)
     header, *rows = table_rows(path.read_text())
     assert header[-3:] == ["test acc", "wall (s)", "alerts"]
     assert rows[1][-3:-1] == ["0.412", "3.5"] and rows[0][-3:-1] == ["-", "-"]  # a run without facts: "-"
@@ -504,3 +518,14 @@ def test_a_report_after_nan_gradients_draws_the_flow_with_its_marks(tmp_path):
     page = page_of(out)
     flow = base64.b64encode((out / "nan-flow.png").read_bytes()).decode()
     assert flow in page and "no gradient" not in page
+
+
+def test_flagged_runs_lead_the_verdicts_and_the_table_keeps_the_given_order(run_file, tmp_path):
+    _, log = run_file
+    save_small_run(tmp_path / "healthy.jsonl")
+    runs = [("healthy", gradscope.load(tmp_path / "healthy.jsonl")), ("sick", gradscope.load(log))]
+    assert [gradscope.verdict.verdict(r).split(":")[0] for _, r in runs] == ["healthy", "flagged"]
+    page = report.write_report(runs, tmp_path / "rep", draw=False).read_text()
+    verdicts, table = page[:page.index("<table")], page[page.index("<table"):]
+    assert verdicts.index("<b>sick</b>") < verdicts.index("<b>healthy</b>")
+    assert table.index(">healthy</a>") < table.index(">sick</a>")

@@ -30,6 +30,7 @@ def test_without_chromium_the_error_says_how_to_install_it(tmp_path, monkeypatch
     assert not (tmp_path / "out.png").exists()
 
 
+@pytest.mark.slow  # starts a headless Chromium (where one is installed): a few seconds
 def test_a_report_screenshot(run_file, tmp_path):
     shot = load_script()
     if not any(shutil.which(name) for name in shot.NAMES):
