@@ -162,7 +162,8 @@ def test_cifar10_runner_under_torchrun(tmp_path, cifar_root):
                     tmp_path)
     assert "DDP over 2 processes" in proc.stdout
     assert proc.stdout.count("gradscope summary: CifarResNet") == 1  # rank 0 prints, once
-    assert "layer1.0.relu2" in proc.stdout and "module." not in proc.stdout  # the user's names, not DDP's
+    # the user's names, not DDP's: input-side and output-side rows (never folded)
+    assert "layer3.2.relu2" in proc.stdout and "layer1.0.conv1" in proc.stdout and "module." not in proc.stdout
 
 
 def test_a_scope_on_one_rank_only_does_not_reduce(two_ranks):
