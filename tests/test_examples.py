@@ -96,10 +96,14 @@ def test_train_cifar10_example(cifar_root, scripts):
 def test_overhead_benchmark_script_runs_tiny():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench_overhead.py"), "--models", "mlp20", "lstm",
                            "--steps", "2", "--rounds", "1", "--warmup", "1", "--batch-size", "4", "--growth", "5",
-                           "--phases"],
+                           "--phases", "--history", "3"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     tables, growth = proc.stdout.split("memory over 5 steps")
+    tables, history = tables.split("history memory after 3 collected steps")
+    rows = {line.split("|")[1].strip(): line.split("|") for line in history.splitlines() if line.startswith("| ")
+            and "model" not in line and not line.startswith("|---")}
+    assert set(rows) == {"resnet50", "gpt2"} and all(float(r[6]) < float(r[8]) for r in rows.values())  # packed < dicts
     tables, phase_tables = tables.split("mlp20: median ms per phase")
     assert "| gradscope step() | 0.00 |" in phase_tables and "lstm: median ms per phase" in phase_tables
     rows = [line for line in tables.splitlines() if line.startswith("| ") and "monitor" not in line]
