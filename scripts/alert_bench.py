@@ -739,7 +739,9 @@ def totals(results: list[Result]) -> dict:
     return out
 
 
-def format_totals(results: list[Result]) -> str:
+def format_totals(results: list[Result], brief: bool = False) -> str:
+    """The totals table with the sentence above it; ``brief`` (the README's): the latencies per run are left to
+    docs/alert_bench.md."""
     t = totals(results)
     g = t["gradscope"]
     h, b = t["healthy"], t["broken"]
@@ -749,8 +751,9 @@ def format_totals(results: list[Result]) -> str:
           for n in allowed}
     when = "; ".join(f"{n} for {by[n]}" for n in allowed)
     rows = [f"Totals over {t['runs']} runs ({h} healthy, {b} broken); the loss falls on {falls} of the {h} healthy runs. "
-            f"\"In time\": within the label's latency, in collected steps from onset ({when}). "
-            f"Runs that crashed: {sum(bool(r.error) for r in results)}.", "",
+            + ("\"In time\": within each run's labelled latency ([docs/alert_bench.md](docs/alert_bench.md)). "
+               if brief else f"\"In time\": within the label's latency, in collected steps from onset ({when}). ")
+            + f"Runs that crashed: {sum(bool(r.error) for r in results)}.", "",
             "| rule | healthy runs with a false alert | false alerts | broken runs detected | detected in time | "
             "first alert: kind / layer / remedy right |", "|---|---|---|---|---|---|",
             f"| gradscope | {g['healthy_with_false']} of {h} | {g['false_alerts']} | {g['detected']} of {b} | "
@@ -812,10 +815,10 @@ def write_docs(results: list[Result], threads: int, seconds: float) -> None:
                    f"What it runs and how it scores: the docstring of `scripts/alert_bench.py`. Latency is in "
                    f"collected steps from the labelled onset; \"max grad-norm jump\" is the largest ratio of the "
                    f"model's gradient norm to its median over the previous 20 steps (the `exploding` spike threshold "
-                   f"is 10).\n\n{format_results(results)}\n\n## The runs\n\n{notes}\n")
+                   f"is 10).\n\n{format_totals(results)}\n\n{format_results(results)}\n\n## The runs\n\n{notes}\n")
     text = README.read_text()
     start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
-    block = f"\n{provenance(threads, seconds)}\n\n{format_totals(results)}\n\n"
+    block = f"\n{provenance(threads, seconds)}\n\n{format_totals(results, brief=True)}\n\n"
     README.write_text(text[:start] + block + text[end:])
 
 
