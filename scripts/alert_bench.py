@@ -808,17 +808,18 @@ def provenance(threads: int, seconds: float) -> str:
 
 def write_docs(results: list[Result], threads: int, seconds: float) -> None:
     """docs/alert_bench.md (every run) and the totals between the README's markers, from this run."""
+    said = provenance(threads, seconds)  # before writing: the first file written would count as a change
     notes = "\n".join(f"* `{r.case.name}`: {r.case.label.cause or r.case.note}" for r in results
                        if r.case.label.cause or r.case.note)
     DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text(f"# The labelled alert benchmark\n\n{provenance(threads, seconds)}\n\n"
+    DOC.write_text(f"# The labelled alert benchmark\n\n{said}\n\n"
                    f"What it runs and how it scores: the docstring of `scripts/alert_bench.py`. Latency is in "
                    f"collected steps from the labelled onset; \"max grad-norm jump\" is the largest ratio of the "
                    f"model's gradient norm to its median over the previous 20 steps (the `exploding` spike threshold "
                    f"is 10).\n\n{format_totals(results)}\n\n{format_results(results)}\n\n## The runs\n\n{notes}\n")
     text = README.read_text()
     start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
-    block = f"\n{provenance(threads, seconds)}\n\n{format_totals(results, brief=True)}\n\n"
+    block = f"\n{said}\n\n{format_totals(results, brief=True)}\n\n"
     README.write_text(text[:start] + block + text[end:])
 
 
