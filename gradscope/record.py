@@ -135,11 +135,13 @@ class History:
         self._records: list[_Packed] = []
         self._last_kept = False
         self._columns: tuple | None = None  # the column list of the newest packed record, reused while it fits
+        self._read: list | None = None  # records() unpacked, kept until the next append: readers call it often
         self.last: StepRecord | None = None
 
     def append(self, record: StepRecord) -> None:
         self.last = record
         self._last_kept = False
+        self._read = None
         if self._offered % self.stride == 0:
             if len(self._records) >= self.max_records:
                 self._records = self._records[::2]
@@ -190,14 +192,17 @@ class History:
         return [p.step for p in self._records]
 
     def records(self) -> list[StepRecord]:
-        """Kept records plus the newest one if thinning skipped it."""
-        out = [p.unpack() for p in self._records]
-        if self.last is not None:
-            if self._last_kept:
-                out[-1] = self.last
-            else:
-                out.append(self.last)
-        return out
+        """Kept records plus the newest one if thinning skipped it. Unpacked once per appended record: the list is
+        kept until the next :meth:`append` (a report reads it several times), and each call returns a copy of it."""
+        if self._read is None:
+            out = [p.unpack() for p in self._records]
+            if self.last is not None:
+                if self._last_kept:
+                    out[-1] = self.last
+                else:
+                    out.append(self.last)
+            self._read = out
+        return list(self._read)
 
     def nbytes(self) -> int:
         """The memory the kept records take (their numbers, column lists counted once, profiles and facts), in bytes:

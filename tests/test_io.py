@@ -288,3 +288,16 @@ def test_history_costs_at_most_16_bytes_per_value_on_a_real_run():
     per_value = scope.history.nbytes() / values
     assert values > 30 * 100 and per_value <= 16, per_value
     scope.detach()
+
+
+def test_history_records_are_unpacked_once_per_append():
+    h = History(10)
+    for s in range(3):
+        h.append(StepRecord(s, {"a": {"grad_norm": float(s)}}))
+    first, again = h.records(), h.records()
+    assert first == again and first is not again and all(x is y for x, y in zip(first, again))
+    first.append("mine")  # a caller's list is its own
+    assert len(h.records()) == 3
+    h.append(StepRecord(3, {"a": {"grad_norm": 3.0}}))
+    fresh = h.records()
+    assert [r.step for r in fresh] == [0, 1, 2, 3] and fresh[0] is not first[0] and fresh[-1] is h.last
