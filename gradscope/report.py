@@ -282,7 +282,7 @@ def write_report(runs: list[tuple[str, Run]], out: Path, *, facts: dict[str, dic
             more = f" ({len(alerts) - 1} more below)" if len(alerts) > 1 else ""
             block.append(f"<p>first alert: {_alert_line(alerts[0])}{more}</p>")
             block.append(remedies.html(alerts[0].hint, label))
-        elif run.history.records():
+        elif run.history.last is not None:
             m = len(run.history.records())
             block.append(f"<p>no alert over {m} collected step{'s' if m != 1 else ''}</p>")
         parts.append(f"<div class='verdict {_verdict_class(said)}'>" + "".join(block) + "</div>")
