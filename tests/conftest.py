@@ -1,4 +1,5 @@
 import gc
+import os
 from typing import NamedTuple
 
 import pytest
@@ -10,6 +11,14 @@ import gradscope
 
 from gradscope.bench.data import find_cifar10_folder, load_cifar10_subset
 from gradscope.bench.models import deep_mlp
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (the README's ``-n 2``) each worker gets its share of the cores: two workers with two torch
+    # threads each would oversubscribe a 2-core machine.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
 
 @pytest.fixture(autouse=True)
