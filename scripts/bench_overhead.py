@@ -1,7 +1,7 @@
 """Overhead of monitoring, measured side by side: median step time of each monitor relative to plain training.
 
     python scripts/bench_overhead.py [--models resnet18 resnet20 mlp20 lstm gpt2] [--steps 20] [--rounds 3]
-                                     [--device cpu] [--phases] [--history 200] [--growth 10000]
+                                     [--device cpu] [--phases] [--floor] [--history 200] [--growth 10000]
 
 Models: torchvision resnet18 and gradscope's CIFAR ResNet-20 on 32x32 images, a 20-layer ReLU MLP of width 256, an
 LSTM over 32 image rows, and a GPT-2-style transformer (Hugging Face GPT2LMHeadModel from a config: 4 layers, 128
@@ -158,8 +158,62 @@ class WandbWatch(Monitor):
         self.run.finish()
 
 
-def available_monitors():
+class HookFloor(Monitor):
+    """The least a monitor built on per-module hooks pays, with none of gradscope's bookkeeping: the floor under
+    gradscope every=1 (``--floor``).
+
+    Level 1: a no-op forward pre-hook and forward hook on every module, as gradscope places them (none on the root's
+    pre-hook). Level 2 adds the numbers the core statistics are made of, with gradscope's own kernels: the float32 sum
+    of every module output (its NaN/Inf check), a tensor hook on every output taking the squared norm of its gradient
+    (the backprop signal), and the parameters' gradient norms, all read with one transfer per step. No dead units,
+    saturation, records, detectors or history.
+    """
+
+    def __init__(self, level: int):
+        self.level = level
+        self.name = ("floor: no-op hooks on every module" if level == 1 else
+                     "floor: + output sums, gradient norms (no records)")
+
+    def attach(self, model, opt):
+        from gradscope.stats import sq_norm
+
+        self.handles, self.sums, self.signals = [], [], []
+        grad_hook = (lambda g: self.signals.append(sq_norm(g)))
+
+        def post(module, args, out):
+            if self.level == 1:
+                return
+            for t in (out,) if isinstance(out, torch.Tensor) else out if isinstance(out, (tuple, list)) else ():
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    self.sums.append(t.detach().sum(dtype=torch.float32))
+                    if t.requires_grad:
+                        t.register_hook(grad_hook)
+
+        for name, m in model.named_modules():
+            if m is not model:
+                self.handles.append(m.register_forward_pre_hook(lambda module, args: None))
+            self.handles.append(m.register_forward_hook(post))
+
+    def after_backward(self, model, step):
+        if self.level == 1:
+            return
+        from gradscope.stats import norms
+
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        parts = [norms(grads)] + [torch.stack(x).double() for x in (self.sums, self.signals) if x]
+        self.values = torch.cat(parts).tolist()
+        self.sums.clear()
+        self.signals.clear()
+
+    def detach(self):
+        for h in self.handles:
+            h.remove()
+
+
+def available_monitors(floor: bool = False):
     monitors, notes = [Monitor(), Gradscope(1), Gradscope(10), Gradscope(1, "all"), ItemLoop()], []
+    if floor:
+        monitors[2:2] = [HookFloor(1), HookFloor(2)]
     for cls, module in ((TensorBoardHistograms, "tensorboard"), (WandbWatch, "wandb")):
         try:
             __import__(module)
@@ -272,6 +326,8 @@ def memory_in_child(name: str, args) -> dict:
     (a fixed mmap threshold), so that the peak resident size of a few steps is their working memory. The timings stay
     in this process: a fixed threshold makes every large allocation an mmap and would slow the steps being timed."""
     cmd = [sys.executable, __file__, "--models", name, "--memory-only", "--steps", "0", "--warmup", "0"]
+    if args.floor:
+        cmd.append("--floor")
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -406,6 +462,10 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--phases", action="store_true",
                     help="also print where gradscope every=1 spends its time (forward, backward, step(), optimizer)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time two floor monitors: no-op hooks on every module, and those hooks computing the "
+                         "core numbers (output sums, gradient norms) without records: what any per-module-hook "
+                         "monitor pays at least")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child of memory_in_child
     ap.add_argument("--history", type=int, default=0, metavar="STEPS",
                     help="also print the history's memory per record after this many steps of resnet50 and the "
@@ -417,7 +477,7 @@ def main(argv=None):
         ap.error("--device cuda: torch sees no CUDA device")
     device = torch.device(args.device)
     logging.getLogger("gradscope").setLevel(logging.ERROR)  # random batches raise alerts; timing only here
-    monitors, notes = available_monitors()
+    monitors, notes = available_monitors(args.floor)
     if args.memory_only:
         print(json.dumps(bench(args.models[0], args, device, monitors)))
         return 0
