@@ -3,6 +3,7 @@
     python examples/train_cifar10.py --model plain56 --steps 300
     python examples/train_cifar10.py --model rnn-pixels --steps 50 --lr 1e-3
     torchrun --nproc_per_node=2 examples/train_cifar10.py --model resnet20   # DDP: gloo on CPU, NCCL on CUDA
+    torchrun --nproc_per_node=2 examples/train_cifar10.py --model resnet20 --fsdp   # FSDP2's fully_shard instead
 
 The full comparison runner is `gradscope compare` (python -m gradscope.bench.compare); this is the same loop, unadorned.
 """
@@ -29,6 +30,8 @@ def main(argv=None):
     ap.add_argument("--subset", type=int, default=10_000)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 (fully_shard on each "
+                    "top-level block and on the root) instead of DDP")
     args = ap.parse_args(argv)
 
     rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
@@ -41,7 +44,16 @@ def main(argv=None):
     torch.manual_seed(0)  # the same initial weights on every rank
     data = load_cifar10(args.data_dir, train_subset=args.subset, test_subset=1000)
     model = build_model(args.model).to(args.device)
-    if world > 1:
+    if world > 1 and args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.children():
+            if any(p.requires_grad for p in block.parameters()):
+                fully_shard(block)  # each rank keeps one shard of the block's parameters and gradients
+        fully_shard(model)
+        if rank == 0:
+            print(f"FSDP2 over {world} processes, {args.batch_size} images per process and step")
+    elif world > 1:
         model = DistributedDataParallel(model, device_ids=[args.device] if args.device.startswith("cuda") else None)
         if rank == 0:
             print(f"DDP over {world} processes, {args.batch_size} images per process and step")
@@ -59,7 +71,7 @@ def main(argv=None):
         if step % 50 == 0 and rank == 0:
             print(f"step {step:4d}  loss {loss.item():.3f}")
     if rank == 0:
-        print(scope.summary())  ### and what it found (the same on every rank under DDP)
+        print(scope.summary())  ### and what it found (the same on every rank under DDP and FSDP2)
     scope.detach()
     if world > 1:
         dist.barrier()

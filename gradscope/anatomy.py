@@ -39,6 +39,16 @@ def has_residual(model: nn.Module) -> bool:
     return False
 
 
+def class_name(module: nn.Module) -> str:
+    """The module's class name as its author wrote it: FSDP2's ``fully_shard`` swaps in a subclass ``FSDP<Name>``."""
+    cls = type(module)
+    if cls.__name__.startswith("FSDP") and cls.__module__.startswith("torch.distributed.fsdp"):
+        for base in cls.__bases__:
+            if not base.__module__.startswith("torch.distributed.fsdp"):
+                return base.__name__
+    return cls.__name__
+
+
 def trainable_params(model: nn.Module) -> tuple[list, dict]:
     """``([(qualified name, module name, parameter)], {module name: {"module": class, "params": count}})`` of the
     trainable parameters, each once, in module order; empty tensors have no statistics and are left out."""
@@ -49,7 +59,7 @@ def trainable_params(model: nn.Module) -> tuple[list, dict]:
         for pn, p in own:
             seen.add(id(p))
             params.append((f"{mname}.{pn}" if mname else pn, mname, p))
-        module_info[mname] = {"module": type(module).__name__, "params": sum(p.numel() for _, p in own)}
+        module_info[mname] = {"module": class_name(module), "params": sum(p.numel() for _, p in own)}
     return params, module_info
 
 

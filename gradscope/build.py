@@ -16,13 +16,34 @@ import torch
 from .activations import DeadUnitBank, through_time_summary
 from .collect import StepBuffers
 from .record import LayerInfo, StepRecord
-from .statistics import FOLDS, MEASURES, STATISTICS
+from .statistics import FOLDS, MEASURES, STATISTICS, Statistic
 from .stats import Transfer, nonfinite_counts, saturation_sums, sum_by_key
 
 
+def measure_params(grads: list, weights: list, extra: frozenset, snapshot: list | None = None) \
+        -> tuple[list[Statistic], dict]:
+    """The statistics of the parameters this step computes, and the :data:`MEASURES` they read, as device tensors
+    (one entry per parameter, nothing fetched yet): ``(wanted, {measure: vector})``.
+
+    ``grads``, ``weights`` (and ``snapshot``, the weights one step before, for ``update_ratio``): same order, this
+    rank's tensors (a sharded parameter's local shard). ``extra``: the optional statistics asked for.
+    """
+    wanted = [s for s in STATISTICS.values() if s.reads and (not s.optional or s.name in extra)] if grads else []
+    measured = {}
+    for s in wanted:
+        for m in s.reads:  # in order: none after one that cannot be measured (update_ratio's before a first step)
+            if m not in measured:
+                measured[m] = MEASURES[m].compute(grads, weights, snapshot)
+            if measured[m] is None:
+                break
+    wanted = [s for s in wanted if all(measured.get(m) is not None for m in s.reads)]
+    return wanted, {m: v for m, v in measured.items() if v is not None}
+
+
 def build_record(step: int, params: list, grads: list, buffers: StepBuffers, bank: DeadUnitBank, dead: list,
-                 table: list[LayerInfo], extra: frozenset, *, snapshot: list | None = None, scale_t=None,
-                 grads_unscaled: bool = False, loss=None, skipped: bool = False) -> tuple[StepRecord, float]:
+                 table: list[LayerInfo], wanted: list[Statistic], measured: dict, *, scale_t=None,
+                 grads_unscaled: bool = False, loss=None, skipped: bool = False,
+                 count_nonfinite=None) -> tuple[StepRecord, float]:
     """The record of collected step ``step``, and what the ``.grad`` values were divided by (the loss scale, or 1).
 
     Args:
@@ -31,25 +52,16 @@ def build_record(step: int, params: list, grads: list, buffers: StepBuffers, ban
         buffers: the step's collected parts (already reduced over ranks where that applies).
         bank, dead: the dead-unit states (this step's counts already folded in) and this step's ReLU sites.
         table: the layer table (``meta["layers"]``), in forward order: the record's layers follow it.
-        extra: the optional statistics to compute (see :data:`gradscope.options.EXTRA_STATS`).
-        snapshot: the trainable parameters one step before (same order as ``params``), for ``update_ratio``.
+        wanted, measured: from :func:`measure_params` (sharded parameters' already combined over ranks).
         scale_t: the loss scale of this backward pass (a device tensor), or None; grads_unscaled: the ``.grad``
             values were already unscaled (``scaler.unscale_`` ran).
         loss: this step's loss (tensor or number), or None; skipped: the scaler skipped this step (overflow).
+        count_nonfinite: ``[(grad, index in params)] -> [NaN/Inf entries]`` for the gradients whose norm is not
+            finite (default: :func:`gradscope.stats.nonfinite_counts` of each; sharded parameters: of the whole).
     """
-    weights = [p for _, _, p in params]
     tr = Transfer()
-    wanted = [s for s in STATISTICS.values() if s.reads and (not s.optional or s.name in extra)] if grads else []
-    measured = {}
-    for s in wanted:
-        for m in s.reads:  # in order: none after one that cannot be measured (update_ratio's before a first step)
-            if m not in measured:
-                measured[m] = MEASURES[m].compute(grads, weights, snapshot)
-                if measured[m] is not None:
-                    tr.add(("param", m), measured[m])
-            if measured[m] is None:
-                break
-    wanted = [s for s in wanted if all(measured.get(m) is not None for m in s.reads)]
+    for m, v in measured.items():
+        tr.add(("param", m), v)
     signal_sites = out_sites = ()
     sat_sites, sat_k, sat_tot, sat_numel = saturation_sums(buffers.saturation_parts)
     if buffers.signal_parts:
@@ -87,7 +99,12 @@ def build_record(step: int, params: list, grads: list, buffers: StepBuffers, ban
            for m in measured if ("param", m) in got}
     g_norm = raw.get("grad_norm", [])
     bad = [k for k, v in enumerate(g_norm) if not math.isfinite(v)]
-    nonfinite = dict(zip(bad, nonfinite_counts([grads[k] for k in bad]))) if bad else {}
+    if bad:
+        pairs = [(grads[k], k) for k in bad]
+        counts = count_nonfinite(pairs) if count_nonfinite else nonfinite_counts([g for g, _ in pairs])
+        nonfinite = dict(zip(bad, counts))
+    else:
+        nonfinite = {}
     numels = [p.numel() for _, _, p in params]
 
     each = [(s.name, FOLDS[s.per_layer].each(tuple(raw[m] for m in s.reads), numels)) for s in wanted]

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from . import _torch
 from .activations import (DeadUnitBank, DeadUnitState, FunctionalCalls, TimeProfile, fired_counts, module_kind,
                           saturation_counts, unit_dim)
+from .sharded import local
 from .stats import sq_norm
 
 
@@ -174,13 +175,14 @@ def _note_backward(collector_ref, param) -> None:
 
 def _grad_moved(g, mark) -> bool:
     """Whether ``.grad`` ``g`` is new or changed since ``mark`` (see :func:`_grad_mark`) was taken."""
-    return g is not None and (mark is None or mark[0]() is not g or mark[1] != g._version)
+    return g is not None and (mark is None or mark[0]() is not g or mark[1] != local(g)._version)
 
 
 def _grad_mark(p: Tensor):
-    """What a parameter's ``.grad`` is now: a weak reference to the tensor and its version counter (or None)."""
+    """What a parameter's ``.grad`` is now: a weak reference to the tensor and its version counter (or None; a
+    sharded gradient's: its local shard's, which FSDP2 accumulates into)."""
     g = p.grad
-    return None if g is None else (weakref.ref(g), g._version)
+    return None if g is None else (weakref.ref(g), local(g)._version)
 
 
 def _inert_collector() -> "Collector":

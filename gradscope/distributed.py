@@ -22,9 +22,11 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def reduce_buffers(b: StepBuffers, loss=None) -> tuple[StepBuffers, object]:
+def reduce_buffers(b: StepBuffers, loss=None, sums: dict | None = None) -> tuple[StepBuffers, object, dict]:
     """This step's activation-side buffers ``b`` (and ``loss``: the mean over ranks, the loss DDP optimises) of all
-    ranks together, identical on every rank: buffers in, new buffers out.
+    ranks together, identical on every rank: buffers in, new buffers out. ``sums``: vectors to add up over ranks in
+    the same ``all_reduce`` (sharded parameters' squared norms and counts, :meth:`gradscope.sharded.Shards.summands`),
+    returned added up.
 
     One ``all_reduce`` (SUM) of every site's numbers in one float64 vector, preceded by a check that all ranks hold
     the same number of them (else the collective would hang or mix sites). Dead-unit counts and sample counts,
@@ -35,14 +37,17 @@ def reduce_buffers(b: StepBuffers, loss=None) -> tuple[StepBuffers, object]:
     """
     dist = torch.distributed
     world = dist.get_world_size()
+    sums = sums or {}
+    sum_names = list(sums)
     sig_sites, sig = sum_by_key(b.signal_parts) if b.signal_parts else ([], None)
     out_sites, out = sum_by_key(b.output_parts) if b.output_parts else ([], None)
     sat_sites, sat_k, sat_tot, sat_numel = saturation_sums(b.saturation_parts)
     time_sites = list(b.through_time)
     pieces = [t for t in (sig, out, sat_k, sat_tot) if t is not None]
     pieces += [counts for _, counts, _ in b.dead_parts] + [b.through_time[s] for s in time_sites]
+    pieces += [sums[n] for n in sum_names]
     if not pieces and loss is None:
-        return b, loss
+        return b, loss, sums
     device = pieces[0].device if pieces else loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
     if loss is not None:
         pieces.append(torch.as_tensor(loss, dtype=torch.float64, device=device).reshape(1))
@@ -60,6 +65,9 @@ def reduce_buffers(b: StepBuffers, loss=None) -> tuple[StepBuffers, object]:
     host_sums = [int(round(v)) for v in parts.pop().tolist()]
     if loss is not None:
         loss = parts.pop() / world
+    summed = {}
+    for n in reversed(sum_names):
+        summed[n] = parts.pop()
     k, new = 0, {}
     if sig is not None:
         new["signal_parts"] = list(zip(sig_sites, parts[k] / world ** 2))  # float64: tiny signals stay nonzero
@@ -80,4 +88,4 @@ def reduce_buffers(b: StepBuffers, loss=None) -> tuple[StepBuffers, object]:
         old = b.through_time[site]
         new["through_time"][site] = (parts[k] / world ** 2).to(old.dtype).reshape(old.shape)
         k += 1
-    return dataclasses.replace(b, **new), loss
+    return dataclasses.replace(b, **new), loss, {n: summed[n] for n in sum_names}

@@ -17,14 +17,16 @@ from torch import nn
 
 from . import _torch
 from .alerts import Alert, AlertBook
-from .anatomy import activation_role, detector_context, trainable_params, unwrap
-from .build import build_record
+from .anatomy import activation_role, class_name, detector_context, trainable_params, unwrap
+from .build import build_record, measure_params
 from .collect import Collector
 from .detectors import detector_settings
 from .distributed import rank, reduce_buffers, world_size
 from .options import check_options, check_scaler
 from .record import History, LayerInfo, StepRecord
 from .run import FORMAT, FORMAT_VERSION, LogStream, Run
+from .sharded import Shards, is_sharded, local, reduce_sums, refuse_unsupported, uses_fsdp2
+from .statistics import MEASURES
 from .stats import _wide
 from .verdict import HOLDING
 
@@ -86,15 +88,18 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
             (default: rank 0 only).
         reduce_ranks: sum the activation-side numbers over the ranks of ``torch.distributed`` (one ``all_reduce`` per
             collected step, which every rank must reach), so that every rank holds the same records and alerts.
-            Default: when ``model`` is a ``DistributedDataParallel`` wrapper. Pass True when you watch the module
-            inside one yourself; a scope on one rank only (an evaluation model on rank 0) must not reduce.
+            Default: when ``model`` is a ``DistributedDataParallel`` wrapper or FSDP2 sharded it (``fully_shard`` on
+            it or a submodule). Pass True when you watch the module inside a DDP wrapper yourself; a scope on one rank
+            only (an evaluation model on rank 0) must not reduce. Sharded (``DTensor``) parameters' statistics are
+            always of the whole parameter, combined over ranks whatever this says (:mod:`gradscope.sharded`).
         log_to: a new file to stream the run to as it trains (see :class:`gradscope.record.LogStream`): every
             collected step is appended and flushed as it closes, and ``detach()`` writes the end line, so a run
             killed at step 90,000 keeps its steps (``gradscope.load(path, partial=True)``). An existing file is
             refused, never written over. Under ``torch.distributed`` only rank 0 writes.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module`` (or ``optimizer``/``scaler`` are of the wrong type).
+        TypeError: ``model`` is not an ``nn.Module`` (or ``optimizer``/``scaler`` are of the wrong type), or it is
+            sharded by FSDP1 or DeepSpeed (use FSDP2's ``fully_shard`` or DDP).
         ValueError: no trainable parameters, a bad ``every``/``raise_on``/``history``, or the model is already watched.
     """
     return Scope(model, every=every, optimizer=optimizer, scaler=scaler, detectors=detectors, raise_on=raise_on,
@@ -130,8 +135,10 @@ class Scope(Run):
         if not isinstance(model, nn.Module):
             raise TypeError(f"gradscope.watch() expects a torch.nn.Module, got {type(model).__name__}; "
                             "pass the model itself, e.g. gradscope.watch(model)")
-        if reduce_ranks is None:
-            reduce_ranks = isinstance(unwrap(model, ddp=False), nn.parallel.DistributedDataParallel)
+        refuse_unsupported(model)
+        if reduce_ranks is None:  # data parallel: each rank its own batch
+            reduce_ranks = isinstance(unwrap(model, ddp=False), nn.parallel.DistributedDataParallel) or \
+                uses_fsdp2(model)
         model = unwrap(model)
         detectors, raise_on, extra = check_options(
             every=every, optimizer=optimizer, scaler=scaler, detectors=detectors, raise_on=raise_on,
@@ -159,6 +166,7 @@ class Scope(Run):
         self.detectors = detectors
         self._scaler = scaler
         self._params = params
+        self._sharded = any(is_sharded(p) for _, _, p in params)  # FSDP2: DTensor parameters
         self._module_info = module_info
         self._param_layers = [m for m in module_info if module_info[m]["params"]]
         for d in detectors:
@@ -179,7 +187,7 @@ class Scope(Run):
         self._num_steps = 0
         self._layers_seen = -1
         self._warned_no_backward = False
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "every": every, "model": type(model).__name__,
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "every": every, "model": class_name(model),
                 "torch_version": torch.__version__, "context": dataclasses.asdict(self.context),
                 "detectors": detector_settings(detectors), "layers": []}
         super().__init__(meta, hist, self._book.alerts)
@@ -349,7 +357,7 @@ class Scope(Run):
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
-        return (f"<gradscope.Scope {state} to {type(self.model).__name__}: {len(self.meta['layers'])} layers, "
+        return (f"<gradscope.Scope {state} to {class_name(self.model)}: {len(self.meta['layers'])} layers, "
                 f"every={self.every}, {self._num_steps} steps, {len(self._book.alerts)} alerts>")
 
     # -- internals ---------------------------------------------------------------------------------------------------
@@ -379,6 +387,7 @@ class Scope(Run):
             raise RuntimeError(f"the watched {type(self.model).__name__} has no trainable parameters any more; "
                                "detach the scope (scope.detach()) or unfreeze a parameter")
         self._params, self._module_info = params, module_info
+        self._sharded = any(is_sharded(p) for _, _, p in params)
         self._param_layers = [m for m in module_info if module_info[m]["params"]]
         self._collector.set_params([p for _, _, p in params])
         self._snapshot, self._snapshot_step = None, -2  # an update ratio across a load would measure the load
@@ -482,7 +491,7 @@ class Scope(Run):
 
     def _take_snapshot(self, step: int) -> None:
         """Copy the parameters before this step's optimizer update; the next (collected) step reports ||dw|| / ||w||."""
-        current = [p.detach() for _, _, p in self._params]
+        current = [local(p.detach()) for _, _, p in self._params]
         if self._snapshot is None:
             self._snapshot = [w.clone() for w in current]
         else:
@@ -534,16 +543,27 @@ class Scope(Run):
                               RuntimeWarning, stacklevel=5)
             self.meta["uncounted_passes"] = c.evicted_reached
         have = [(i, p.grad) for i, (_, _, p) in enumerate(self._params) if c.grad_changed(i)]
-        grads = [g for _, g in have]
+        params = [self._params[i] for i, _ in have]
+        grads = [local(g) for _, g in have]  # a sharded (FSDP2) parameter's: this rank's shard
         scale_t = _torch.scale_tensor(scaler) if scale_t is None else scale_t
         use_snapshot = self._snapshot is not None and self._snapshot_step == step - 1
+        wanted, measured = measure_params(grads, [local(p.detach()) for _, _, p in params], self._extra,
+                                          [self._snapshot[i] for i, _ in have] if use_snapshot else None)
+        shards = Shards([p for _, _, p in params]) if self._sharded else None
+        if shards is not None and not shards.any:
+            shards = None
+        kinds = {m: MEASURES[m].across_shards for m in measured}
+        sums = shards.summands(measured, kinds) if shards else {}
         if self._reduce_ranks and world_size() > 1:
-            b, self._loss = reduce_buffers(b, self._loss)
+            b, self._loss, sums = reduce_buffers(b, self._loss, sums)  # one all_reduce for both
+        elif sums:
+            sums = reduce_sums(sums)
+        if shards:
+            measured = shards.combine(measured, kinds, sums)
 
         dead = c.dead_bank.fold(b.dead_parts)
         record, self.grad_divisor = build_record(
-            step, [self._params[i] for i, _ in have], grads, b, c.dead_bank, dead, self.meta["layers"], self._extra,
-            snapshot=[self._snapshot[i] for i, _ in have] if use_snapshot else None, scale_t=scale_t,
+            step, params, grads, b, c.dead_bank, dead, self.meta["layers"], wanted, measured, scale_t=scale_t,
             grads_unscaled=scale_t is not None and _torch.grads_already_unscaled(scaler), loss=self._loss,
-            skipped=skipped)
+            skipped=skipped, count_nonfinite=shards.nonfinite_counts if shards else None)
         return record

@@ -32,16 +32,19 @@ from .stats import max_abs, nonzero_counts, norms
 class Measure:
     """One number per parameter, computed on the device: ``compute(grads, weights, before)`` returns a 1-D tensor
     (one entry per parameter, in order) or None when it cannot be computed this step (``before``, the parameters one
-    collected step earlier, is None). ``scaled``: it is of the gradient, so the loss scale is divided out."""
+    collected step earlier, is None). ``scaled``: it is of the gradient, so the loss scale is divided out.
+    ``across_shards``: how the numbers of a sharded parameter's shards (FSDP2: one per rank) make the whole
+    parameter's (:mod:`gradscope.sharded`): ``"norm"`` an L2 norm (squares summed), ``"sum"`` a count, ``"max"``."""
 
     compute: Callable
     scaled: bool = False
+    across_shards: str = "norm"
 
 
 MEASURES: dict[str, Measure] = {
     "grad_norm": Measure(lambda grads, weights, before: norms(grads), scaled=True),
-    "grad_max": Measure(lambda grads, weights, before: max_abs(grads), scaled=True),
-    "grad_nonzero": Measure(lambda grads, weights, before: nonzero_counts(grads)),
+    "grad_max": Measure(lambda grads, weights, before: max_abs(grads), scaled=True, across_shards="max"),
+    "grad_nonzero": Measure(lambda grads, weights, before: nonzero_counts(grads), across_shards="sum"),
     "weight_norm": Measure(lambda grads, weights, before: norms(weights)),
     "update_norm": Measure(lambda grads, weights, before: None if before is None else
                            norms(torch._foreach_sub([w.detach() for w in weights], before))),

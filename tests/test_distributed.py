@@ -1,5 +1,7 @@
-"""DDP on 2 processes (gloo, CPU): statistics identical on both ranks, and equal to one process on the union batch."""
+"""DDP and FSDP2 on 2 processes (gloo, CPU): statistics identical on both ranks, and equal to one process on the union
+batch."""
 
+import json
 import math
 import os
 import socket
@@ -24,7 +26,7 @@ STEPS, BATCH, WINDOW = 3, 8, 16
 ONLY_RANK1 = 5  # a unit that fires only when input feature 0 > 0: never on rank 0's data, sometimes on rank 1's
 
 
-def make_model():
+def make_model(keep_unit=True):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Sigmoid(), nn.Linear(16, 3))
     with torch.no_grad():
@@ -32,7 +34,8 @@ def make_model():
         model[0].weight[ONLY_RANK1] = 0.0
         model[0].weight[ONLY_RANK1, 0] = 1.0
         model[0].bias[ONLY_RANK1] = 0.0
-    model[0].weight.register_hook(lambda g: g.index_fill(0, torch.tensor([ONLY_RANK1]), 0.0))  # keep it as built
+    if keep_unit:  # (FSDP2 replaces the parameters, and this hook with them)
+        model[0].weight.register_hook(lambda g: g.index_fill(0, torch.tensor([ONLY_RANK1]), 0.0))  # keep it as built
     return model
 
 
@@ -75,8 +78,57 @@ def worker(rank, world, init_file, out_dir):
             scope.step()  # would wait forever for rank 1 if it reduced
             scope.save(f"{out_dir}/solo.jsonl")
         dist.barrier()
+        fsdp_phases(rank, world, out_dir)
     finally:
         dist.destroy_process_group()
+
+
+# FSDP2: every Linear and the root sharded (uneven shards: 3 rows on 2 ranks), with the optional statistics, the
+# update ratio and a NaN batch at the end; and a model with one Linear sharded, the others averaged by hand
+FSDP_KW = {"full": dict(extra_stats="all", update_ratio=True), "partial": {}}
+
+
+def fsdp_batches(rank):
+    x, y = batches(rank)[0]
+    return batches(rank) + [(x.clone().fill_(float("nan")) if rank == 1 else x, y)]
+
+
+def fsdp_phases(rank, world, out_dir):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    for name, kw in FSDP_KW.items():
+        model = make_model(keep_unit=False)
+        if name == "full":
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    fully_shard(m)
+            fully_shard(model)
+        else:
+            fully_shard(model[2])
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scope = gradscope.watch(model, dead_window=WINDOW, **kw)  # reduce_ranks: on by itself under FSDP2
+        calls, real = [], dist.all_reduce
+        for x, y in fsdp_batches(rank) if name == "full" else batches(rank):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            for p in model.parameters():  # what fully_shard left alone: averaged by hand, as DDP would
+                if not isinstance(p, DTensor):
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            counted = []
+            dist.all_reduce = lambda *a, **k: (counted.append(1), real(*a, **k))[1]
+            try:
+                scope.step(loss=loss)
+            finally:
+                dist.all_reduce = real
+            calls.append(len(counted))
+            opt.step()
+        scope.save(f"{out_dir}/fsdp-{name}-rank{rank}.jsonl")
+        scope.detach()
+        (Path(out_dir) / f"fsdp-{name}-calls{rank}.json").write_text(json.dumps(calls))
+    dist.barrier()
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +182,75 @@ def test_two_ranks_agree_with_one_process_on_the_union(two_ranks):
     scope.detach()
 
 
+def union_run(kw, data, keep_unit=True):
+    """One process on both ranks' batches, step by step: the same mean loss and the same updates as 2 ranks."""
+    model = make_model(keep_unit)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, dead_window=WINDOW, **kw)
+    for (x0, y0), (x1, y1) in data:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(torch.cat([x0, x1])), torch.cat([y0, y1]))
+        loss.backward()
+        scope.step(loss=loss)
+        opt.step()
+    scope.detach()
+    return scope
+
+
+@pytest.mark.parametrize("name", list(FSDP_KW))
+def test_fsdp2_ranks_agree_with_one_process_on_the_union(two_ranks, name):
+    out, _ = two_ranks
+    ranks = [gradscope.load(out / f"fsdp-{name}-rank{r}.jsonl") for r in (0, 1)]
+    data = zip(fsdp_batches(0), fsdp_batches(1)) if name == "full" else zip(batches(0), batches(1))
+    one = union_run(FSDP_KW[name], data, keep_unit=False)
+    assert len(one.history) == len(ranks[0].history) == len(ranks[1].history) == (STEPS + 1 if name == "full" else STEPS)
+    compared = set()
+    for step, want_record in enumerate(one.history):
+        got0, got1 = ranks[0].history[step], ranks[1].history[step]
+        assert got0.layers.keys() == got1.layers.keys() == want_record.layers.keys()
+        assert got0.params.keys() == want_record.params.keys()
+        for part in ("layers", "params"):
+            for layer, st in getattr(want_record, part).items():
+                a_st, b_st = getattr(got0, part)[layer], getattr(got1, part)[layer]
+                assert a_st.keys() == b_st.keys() == st.keys(), (step, layer)
+                for key, w in st.items():
+                    if isinstance(w, (list, tuple)) or not isinstance(w, (int, float)):
+                        continue
+                    a, b = a_st[key], b_st[key]
+                    where = f"{name}, step {step}, {part} {layer}, {key}: rank 0 {a!r}, rank 1 {b!r}, one process {w!r}"
+                    assert a == b or (math.isnan(a) and math.isnan(b)), where  # every rank the same numbers
+                    if math.isnan(w):
+                        assert math.isnan(a), where
+                    else:
+                        assert a == pytest.approx(w, rel=1e-5, abs=1e-9), where
+                    compared.add(key)
+    assert {"grad_norm", "grad_rms", "backprop_signal", "dead_fraction", "saturation"} <= compared
+    # the classes as written, not fully_shard's FSDPSequential / FSDPLinear
+    assert ranks[0].meta["model"] == "Sequential" and ranks[0].meta["layers"][0]["module"] == "Linear"
+    if name == "full":
+        assert {"grad_max", "grad_zero_frac", "weight_norm", "update_ratio", "grad_nonfinite"} <= compared
+        last = ranks[0].history[-1].params
+        assert last["4.weight"]["grad_nonfinite"] == 3 * 16  # every entry of the whole weight: both shards (2 + 1 rows)
+        assert [(a.kind, a.step) for a in ranks[0].alerts] == [(a.kind, a.step) for a in ranks[1].alerts] \
+            == [(a.kind, a.step) for a in one.alerts] and ranks[0].alerts
+    # one all_reduce of the step's numbers after a two-number size check; grad_max's max one more; NaN counts one more
+    calls = [json.loads((out / f"fsdp-{name}-calls{r}.json").read_text()) for r in (0, 1)]
+    assert calls[0] == calls[1] == ([3, 3, 3, 4] if name == "full" else [2, 2, 2])
+
+
+def test_fsdp1_is_refused_with_what_to_use_instead():
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    # FSDP1 cannot be built on a CPU-only machine ("FSDP needs a non-CPU accelerator device"): the real class,
+    # wrapping a model as FSDP1 does, without its device set-up
+    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    nn.Module.__init__(wrapper)
+    wrapper._fsdp_wrapped_module = make_model()
+    for model in (wrapper, nn.Sequential(nn.Linear(2, 2), wrapper)):
+        with pytest.raises(TypeError, match="FSDP1's FullyShardedDataParallel.*fully_shard"):
+            gradscope.watch(model)
+
+
 def torchrun(args, cwd):
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:
@@ -164,6 +285,16 @@ def test_cifar10_runner_under_torchrun(tmp_path, cifar_root):
     assert proc.stdout.count("gradscope summary: CifarResNet") == 1  # rank 0 prints, once
     # the user's names, not DDP's: input-side and output-side rows (never folded)
     assert "layer3.2.relu2" in proc.stdout and "layer1.0.conv1" in proc.stdout and "module." not in proc.stdout
+
+
+@pytest.mark.slow  # a torchrun launch of a whole script (~8 s each); the library's FSDP2 is tested above
+def test_cifar10_runner_with_fsdp2_under_torchrun(tmp_path, cifar_root):
+    proc = torchrun([str(ROOT / "examples/train_cifar10.py"), "--model", "resnet20", "--fsdp", "--steps", "3",
+                     "--batch-size", "16", "--subset", "64", "--device", "cpu", "--data-dir", str(cifar_root)],
+                    tmp_path)
+    assert "FSDP2 over 2 processes" in proc.stdout
+    assert proc.stdout.count("gradscope summary: CifarResNet") == 1  # rank 0 prints, once; the class as written
+    assert "layer1.0.conv1" in proc.stdout and "FSDP" not in proc.stdout.split("gradscope summary")[1]
 
 
 def test_a_scope_on_one_rank_only_does_not_reduce(two_ranks):
