@@ -1,2 +1,3 @@
-"""gradscope in other people's stacks: :mod:`.tensorboard` (``TensorBoardLogger``) and :mod:`.lightning`
-(``GradscopeCallback``). Each imports its framework only when imported itself."""
+"""gradscope in other people's stacks: :mod:`.tensorboard` (``TensorBoardLogger``), :mod:`.lightning`
+(``GradscopeCallback``) and :mod:`.transformers` (``GradscopeCallback`` for the Hugging Face ``Trainer``). Each imports
+its framework only when imported itself."""
