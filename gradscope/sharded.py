@@ -33,8 +33,13 @@ def is_sharded(t) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
+_PLAIN = (Tensor, nn.Parameter)
+
+
 def local(t):
     """The part of ``t`` this rank holds: a DTensor's local shard (no copy, no communication), else ``t``."""
+    if type(t) in _PLAIN:  # the usual case, on the per-parameter path of every collected step
+        return t
     if t is not None and is_sharded(t):
         with torch.no_grad():
             return t.to_local()

