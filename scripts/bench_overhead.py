@@ -1,7 +1,8 @@
 """Overhead of monitoring, measured side by side: median step time of each monitor relative to plain training.
 
     python scripts/bench_overhead.py [--models resnet18 resnet20 mlp20 lstm gpt2] [--steps 20] [--rounds 3]
-                                     [--device cpu] [--phases] [--floor] [--history 200] [--growth 10000]
+                                     [--device cpu] [--phases] [--floor] [--no-peers] [--history 200]
+                                     [--growth 10000]
 
 Models: torchvision resnet18 and gradscope's CIFAR ResNet-20 on 32x32 images, a 20-layer ReLU MLP of width 256, an
 LSTM over 32 image rows, and a GPT-2-style transformer (Hugging Face GPT2LMHeadModel from a config: 4 layers, 128
@@ -211,10 +212,12 @@ class HookFloor(Monitor):
             h.remove()
 
 
-def available_monitors(floor: bool = False):
+def available_monitors(floor: bool = False, peers: bool = True):
     monitors, notes = [Monitor(), Gradscope(1), Gradscope(10), Gradscope(1, "all"), ItemLoop()], []
     if floor:
         monitors[2:2] = [HookFloor(1), HookFloor(2)]
+    if not peers:
+        return monitors, ["TensorBoard and wandb: not run (--no-peers)"]
     for cls, module in ((TensorBoardHistograms, "tensorboard"), (WandbWatch, "wandb")):
         try:
             __import__(module)
@@ -336,6 +339,8 @@ def memory_in_child(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--models", name, "--memory-only", "--steps", "0", "--warmup", "0"]
     if args.floor:
         cmd.append("--floor")
+    if not args.peers:
+        cmd.append("--no-peers")
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -474,6 +479,9 @@ def main(argv=None):
                     help="also time two floor monitors: no-op hooks on every module, and those hooks computing the "
                          "core numbers (output sums, gradient norms) without records: what any per-module-hook "
                          "monitor pays at least")
+    ap.add_argument("--no-peers", dest="peers", action="store_false",
+                    help="leave out TensorBoard and wandb: their writer threads run beside the other monitors' steps "
+                         "and add noise to every ratio")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the child of memory_in_child
     ap.add_argument("--history", type=int, default=0, metavar="STEPS",
                     help="also print the history's memory per record after this many steps of resnet50 and the "
@@ -485,7 +493,7 @@ def main(argv=None):
         ap.error("--device cuda: torch sees no CUDA device")
     device = torch.device(args.device)
     logging.getLogger("gradscope").setLevel(logging.ERROR)  # random batches raise alerts; timing only here
-    monitors, notes = available_monitors(args.floor)
+    monitors, notes = available_monitors(args.floor, args.peers)
     if args.memory_only:
         print(json.dumps(bench(args.models[0], args, device, monitors)))
         return 0
