@@ -11,32 +11,13 @@ Needs ``pip install transformers accelerate``.
 """
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
+from gradscope.bench.data import ByteWindows
 from gradscope.integrations.transformers import GradscopeCallback
-
-
-class ByteWindows(Dataset):
-    """``n`` windows of ``length`` bytes of CPython's documentation text, as causal-LM examples (byte = token)."""
-
-    def __init__(self, n: int, length: int, seed: int = 0):
-        spec = importlib.util.find_spec("pydoc_data.topics")
-        if spec is None or spec.origin is None:
-            raise FileNotFoundError("pydoc_data.topics (CPython's documentation text) not found")
-        data = torch.frombuffer(bytearray(Path(spec.origin).read_bytes()), dtype=torch.uint8).long()
-        starts = torch.randint(0, len(data) - length, (n,), generator=torch.Generator().manual_seed(seed))
-        self.windows = torch.stack([data[s:s + length] for s in starts.tolist()])
-
-    def __len__(self):
-        return len(self.windows)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.windows[i], "labels": self.windows[i]}
 
 
 def main(argv=None):

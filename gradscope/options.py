@@ -88,3 +88,12 @@ def check_options(*, every, optimizer, scaler, detectors, raise_on, extra_stats,
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in unit_dims.items())):
         raise TypeError(f"unit_dims must map call-site names to dimension ints, e.g. {{'conv.1': 1}}; got {unit_dims!r}")
     return detectors, raise_on, extra
+
+
+def refuse_step_options(watch_kwargs: dict, trainer: str) -> None:
+    """A trainer callback closes the steps itself and takes the AMP scaler from the trainer: ``watch()``'s
+    ``optimizer=`` and ``scaler=`` would close them a second time, so they are refused."""
+    for key in ("optimizer", "scaler"):
+        if key in watch_kwargs:
+            raise TypeError(f"GradscopeCallback closes steps itself and takes the AMP scaler from the {trainer}: "
+                            f"do not pass {key}=")

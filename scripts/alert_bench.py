@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscope
-from gradscope.bench.data import find_cifar10_folder, load_cifar10_subset
+from gradscope.bench.data import find_cifar10_folder, load_cifar10_subset, text_bytes
 from gradscope.detectors import global_grad_norm, layer_grad_norms
 from gradscope.bench.models import SequenceClassifier, cifar_resnet, deep_mlp
 
@@ -81,17 +81,6 @@ def image_batch(step: int, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]
     x, y = cifar()
     i = (step * batch) % (len(x) - batch)
     return x[i:i + batch], y[i:i + batch]
-
-
-def text_bytes() -> torch.Tensor:
-    """Byte tokens of a real English text that every CPython ships: its documentation topics."""
-    if "text" not in _CACHE:
-        spec = importlib.util.find_spec("pydoc_data.topics")
-        if spec is None or spec.origin is None:
-            raise FileNotFoundError("pydoc_data.topics (CPython's documentation text) not found")
-        data = Path(spec.origin).read_bytes()
-        _CACHE["text"] = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-    return _CACHE["text"]
 
 
 def text_batch(step: int, batch: int = 8, length: int = 64) -> torch.Tensor:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 pytest.importorskip("transformers", reason="the Trainer callback needs the transformers package")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs the accelerate package")
@@ -21,6 +20,7 @@ import transformers.trainer  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 import gradscope  # noqa: E402
+from gradscope.bench import data  # noqa: E402
 from conftest import hook_entries, rel_close  # noqa: E402
 from gradscope.integrations.transformers import GradscopeCallback  # noqa: E402
 
@@ -35,22 +35,14 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-class ByteWindows(Dataset):
-    """Causal-LM examples: windows of ``length`` bytes of CPython's documentation topics (one byte, one token)."""
+class ByteWindows(data.ByteWindows):
+    """32 windows of 32 byte tokens of CPython's documentation text (the test skips without it)."""
 
     def __init__(self, n=32, length=32, seed=0):
-        spec = importlib.util.find_spec("pydoc_data.topics")
-        if spec is None or spec.origin is None:
-            pytest.skip("pydoc_data.topics (CPython's documentation text) not found")
-        data = torch.frombuffer(bytearray(Path(spec.origin).read_bytes()), dtype=torch.uint8).long()
-        starts = torch.randint(0, len(data) - length, (n,), generator=torch.Generator().manual_seed(seed))
-        self.windows = torch.stack([data[s:s + length] for s in starts.tolist()])
-
-    def __len__(self):
-        return len(self.windows)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.windows[i], "labels": self.windows[i]}
+        try:
+            super().__init__(n, length, seed)
+        except FileNotFoundError as e:
+            pytest.skip(str(e))
 
 
 def tiny_gpt2():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.data
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -235,3 +236,36 @@ def batches_of(images, labels, batch_size: int, device):
     """The images in order, in normalised batches (for evaluation)."""
     for i in range(0, len(images), batch_size):
         yield normalize(images[i:i + batch_size].to(device)), labels[i:i + batch_size].to(device)
+
+
+_TEXT: list = []
+
+
+def text_bytes() -> torch.Tensor:
+    """Byte tokens (int64, 0-255) of a real English text that every CPython ships: its documentation topics
+    (``pydoc_data.topics``, ~800 KB), read once. Raises FileNotFoundError where that module is missing."""
+    if not _TEXT:
+        import importlib.util
+
+        spec = importlib.util.find_spec("pydoc_data.topics")
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError("pydoc_data.topics (CPython's documentation text) not found")
+        data = Path(spec.origin).read_bytes()
+        _TEXT.append(torch.frombuffer(bytearray(data), dtype=torch.uint8).long())
+    return _TEXT[0]
+
+
+class ByteWindows(torch.utils.data.Dataset):
+    """``n`` windows of ``length`` byte tokens of :func:`text_bytes`, as causal-LM examples for a Hugging Face
+    model: ``{"input_ids": window, "labels": window}`` (one byte, one token: a vocabulary of 256)."""
+
+    def __init__(self, n: int, length: int, seed: int = 0):
+        data = text_bytes()
+        starts = torch.randint(0, len(data) - length, (n,), generator=torch.Generator().manual_seed(seed))
+        self.windows = torch.stack([data[s:s + length] for s in starts.tolist()])
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.windows[i], "labels": self.windows[i]}

@@ -48,6 +48,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
 
 from ..alerts import GradientError
 from ..record import _finite, layer_scalars
+from ..options import refuse_step_options
 from ..scope import watch
 from ..statistics import names
 
@@ -87,10 +88,7 @@ class GradscopeCallback(TrainerCallback):
 
     def __init__(self, every: int = 1, *, raise_on=(), warn: bool = True, log_stats=DEFAULT_LOG_STATS,
                  save_to=None, save_with_checkpoints: bool = True, **watch_kwargs):
-        for key in ("optimizer", "scaler"):
-            if key in watch_kwargs:
-                raise TypeError(f"GradscopeCallback closes steps itself and takes the AMP scaler from the Trainer: "
-                                f"do not pass {key}=")
+        refuse_step_options(watch_kwargs, "Trainer")
         self.every, self.raise_on, self.warn = every, raise_on, warn
         self.log_stats = (log_stats,) if isinstance(log_stats, str) else tuple(log_stats)
         self.save_to = save_to
