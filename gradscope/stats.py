@@ -160,17 +160,23 @@ def norms(tensors: list[Tensor]) -> Tensor:
         return _fused_norms([_real(_dense(t.detach())) for t in tensors])
     fast = [i for i, t in enumerate(tensors) if t.dtype is torch.float32 and t.layout is torch.strided
             and t.device.type == "cpu"]
-    out = torch.empty(len(tensors), dtype=torch.float64)
+    out = None
     if fast:
         got = torch.stack(torch._foreach_norm([tensors[i].detach() for i in fast])).double()
-        out[fast] = got
+        if len(fast) == len(tensors):
+            out = got  # the usual case: no scatter into a new vector
+        else:
+            out = torch.empty(len(tensors), dtype=torch.float64)
+            out[fast] = got
         sq = got.square()
         bad = ~((sq >= TINY_SQ) & (sq < math.inf))
         # (CPU tensors: reading them is no synchronisation; the usual answer is one scalar)
         redo = [fast[k] for k in bad.nonzero().flatten().tolist()] if bad.any().item() else []
     else:
         redo = []
-    slow = sorted(set(range(len(tensors))).difference(fast).union(redo))
+    slow = sorted(set(range(len(tensors))).difference(fast).union(redo)) if redo or len(fast) < len(tensors) else []
+    if out is None:
+        out = torch.empty(len(tensors), dtype=torch.float64)
     if slow:
         out[slow] = torch.stack([(sq_norm(tensors[i]) if i not in redo else exact_sq_norm(tensors[i].detach()))
                                  for i in slow]).sqrt()
