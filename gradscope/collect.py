@@ -227,6 +227,7 @@ class Collector:
         self.order: dict[str, str] = {}  # call site -> module name, in forward order of first call
         self.functional_sites: dict[str, str] = {}  # functional call site -> activation kind
         self.function_owners: set[str] = set()  # the modules whose own forward makes those calls
+        self._probed: set[str] = set()  # the modules that ran with the mode on (see _watch_functional)
         self.dead_bank = DeadUnitBank(dead_window)
         self.dead: dict[str, DeadUnitState] = self.dead_bank.sites
         self.through_time: dict[str, TimeProfile] = {}
@@ -290,6 +291,7 @@ class Collector:
         self.disarm()
         self._hook_specs = None
         self._read_tree(self._model)
+        self._probed.clear()  # a replaced module keeps its name: watch it op by op once again
         if armed:
             self.arm()
 
@@ -449,7 +451,7 @@ class Collector:
         st.frame = sys._getframe(1) if self._frames_ok and not _is_compiling() else None
         if torch.is_grad_enabled():  # a pass under no_grad can never be reached by a backward pass
             self._open_pass(st)
-        if self.functional and torch.is_grad_enabled():
+        if self.functional and torch.is_grad_enabled() and not _is_compiling():  # (compiled: no mode is traced)
             watch = self._watch_functional()
             if watch == "pass":
                 st.mode = FunctionalCalls(self._on_function)
@@ -460,17 +462,19 @@ class Collector:
     FUNCTIONAL_PROBE_EVERY = 50
     """The mode is entered for the whole forward pass on the first 3 collected forward passes and then on every 50th
     (its Python dispatch of every op costs ~2% of a resnet18 step on CPU); on the others, only inside the modules
-    whose own forward made a functional activation call on such a pass (GPT-2's ``NewGELUActivation``: its ``tanh``),
-    so that a model with a few such calls does not pay for every op of its forward (~2 ms of a 25 ms GPT-2 forward)."""
+    whose own forward made a functional activation call (GPT-2's ``NewGELUActivation``: its ``tanh``) and inside any
+    module running for the first time with the mode on (a branch first taken later: an expert, a new head), so that a
+    model with a few such calls does not pay for every op of its forward (~2 ms of a 25 ms GPT-2 forward). Functional
+    calls the root module makes itself keep the mode on for the whole pass."""
 
     def _watch_functional(self) -> str:
-        """How this collected forward pass watches functional calls: ``"pass"`` (the whole pass), ``"owners"`` (inside
-        :attr:`function_owners` only) or ``""`` (not at all)."""
+        """How this collected forward pass watches functional calls: ``"pass"`` (the whole pass) or ``"owners"``
+        (inside :attr:`function_owners` and modules not yet watched)."""
         n = self.functional_forwards
         self.functional_forwards += 1
         if n < 3 or n % self.FUNCTIONAL_PROBE_EVERY == 0 or self._root in self.function_owners:
             return "pass"
-        return "owners" if self.function_owners else ""
+        return "owners"
 
     def _open_pass(self, st) -> _Pass:
         """Start recording a new forward pass on this thread; drop the oldest pass still waiting for a backward pass
@@ -541,7 +545,10 @@ class Collector:
         elif st.mode is not None:  # the stack only names functional calls
             if self._live():
                 st.stack.append(name)
-        elif st.scoped and name in self.function_owners and self._live():
+                self._probed.add(name)
+        elif st.scoped and (name in self.function_owners or name not in self._probed) and self._live() \
+                and not _is_compiling():
+            self._probed.add(name)
             st.stack.append(name)
             st.scope_at = len(st.stack)  # left when this call's forward hook pops it
             st.mode = FunctionalCalls(self._on_function)

@@ -167,6 +167,7 @@ class Scope(Run):
         self._scaler = scaler
         self._params = params
         self._sharded = any(is_sharded(p) for _, _, p in params)  # FSDP2: DTensor parameters
+        self._shards = None  # (the indices of the parameters with gradients, their Shards), see _shards_of
         self._module_info = module_info
         self._param_layers = [m for m in module_info if module_info[m]["params"]]
         for d in detectors:
@@ -388,6 +389,7 @@ class Scope(Run):
                                "detach the scope (scope.detach()) or unfreeze a parameter")
         self._params, self._module_info = params, module_info
         self._sharded = any(is_sharded(p) for _, _, p in params)
+        self._shards = None
         self._param_layers = [m for m in module_info if module_info[m]["params"]]
         self._collector.set_params([p for _, _, p in params])
         self._snapshot, self._snapshot_step = None, -2  # an update ratio across a load would measure the load
@@ -489,6 +491,14 @@ class Scope(Run):
                       "(functional ones inside too) are not recorded, only their parameter gradients. Pass "
                       "use_reentrant=False to checkpoint() to monitor them fully.", RuntimeWarning, stacklevel=4)
 
+    def _shards_of(self, key: tuple, params: list):
+        """The :class:`gradscope.sharded.Shards` of this set of parameters with gradients (kept while it holds), or
+        None when none of them is sharded."""
+        if self._shards is None or self._shards[0] != key:
+            shards = Shards([p for _, _, p in params], [p.grad for _, _, p in params])
+            self._shards = (key, shards if shards.any else None)
+        return self._shards[1]
+
     def _take_snapshot(self, step: int) -> None:
         """Copy the parameters before this step's optimizer update; the next (collected) step reports ||dw|| / ||w||."""
         current = [local(p.detach()) for _, _, p in self._params]
@@ -549,9 +559,7 @@ class Scope(Run):
         use_snapshot = self._snapshot is not None and self._snapshot_step == step - 1
         wanted, measured = measure_params(grads, [local(p.detach()) for _, _, p in params], self._extra,
                                           [self._snapshot[i] for i, _ in have] if use_snapshot else None)
-        shards = Shards([p for _, _, p in params]) if self._sharded else None
-        if shards is not None and not shards.any:
-            shards = None
+        shards = self._shards_of(tuple(i for i, _ in have), params) if self._sharded else None
         kinds = {m: MEASURES[m].across_shards for m in measured}
         sums = shards.summands(measured, kinds) if shards else {}
         if self._reduce_ranks and world_size() > 1:

@@ -10,6 +10,7 @@ not reduced). No gradient is ever gathered. Also the stacks gradscope refuses, w
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -46,57 +47,81 @@ def local(t):
     return t
 
 
-def copies(p: Tensor) -> int:
+def copies(p: Tensor, grad=None) -> int:
     """How many ranks hold each entry of sharded parameter ``p`` (1 for FSDP2, the replicas for HSDP): summing a
     number over all ranks counts each shard this many times.
 
     Raises RuntimeError for what the one world-wide sum cannot combine: a mesh that leaves out some ranks (pipeline
-    stages), or a ``Partial`` placement (a gradient not reduced yet).
+    stages), or a ``Partial`` placement of the parameter or of its gradient ``grad`` (a sum not reduced yet, as
+    tensor parallelism leaves some gradients).
     """
     mesh, world = p.device_mesh, torch.distributed.get_world_size()
     if mesh.size() != world:
         raise RuntimeError(f"gradscope: a sharded parameter lives on a device mesh of {mesh.size()} of the {world} "
                            "ranks (pipeline stages?), and gradscope combines shards over all ranks only: shard over "
                            "every rank of the job (FSDP2, or HSDP's 2-D mesh) to monitor it")
+    for t in (p, grad):
+        if is_sharded(t) and any(placement.is_partial() for placement in t.placements):
+            raise RuntimeError("gradscope: a DTensor parameter or its gradient has a Partial placement (a sum not "
+                               "yet reduced over ranks, as tensor parallelism leaves some); call scope.step() once "
+                               "the gradients are reduced (after FSDP's reduce-scatter, or redistribute them)")
     shards = 1
     for d, placement in enumerate(p.placements):
-        if placement.is_partial():
-            raise RuntimeError("gradscope: a DTensor parameter has a Partial placement (a sum not yet reduced); "
-                               "call scope.step() after the backward pass, once FSDP has reduced the gradients")
         if placement.is_shard():
             shards *= mesh.size(d)
     return world // shards
 
 
+def comm_device(t: Tensor) -> torch.device:
+    """Where a collective on ``t`` must run: the current CUDA device under an NCCL-only process group (CPU tensors,
+    e.g. FSDP2's ``CPUOffloadPolicy`` shards, cannot go through NCCL), else ``t``'s own device."""
+    if t.device.type == "cpu" and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
+def _all_reduce(t: Tensor, op=None) -> Tensor:
+    """``t`` reduced over all ranks, on ``t``'s device (through :func:`comm_device`)."""
+    dist = torch.distributed
+    where = comm_device(t)
+    x = t.to(where)
+    dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x.to(t.device)
+
+
 class Shards:
     """Which of a step's parameters are sharded, and how each measure of theirs combines over ranks.
 
-    ``counts[k]``: how many ranks hold each entry of parameter ``k`` (0: not sharded, its numbers are this rank's
-    alone and stay as they are). A measure combines as its :attr:`gradscope.statistics.Measure.across_shards` says:
-    ``"norm"`` (an L2 norm: squares summed, then the square root), ``"sum"`` (a count) or ``"max"``.
+    ``index``: the positions of the sharded parameters among the step's parameters, in the scope's parameter order,
+    the same on every rank (FSDP2 gives every rank a gradient shard of the same parameters). ``counts``: how many
+    ranks hold each of their entries. The other parameters' numbers are this rank's and stay as they are. A measure
+    combines as its :attr:`gradscope.statistics.Measure.across_shards` says: ``"norm"`` (an L2 norm: squares summed,
+    then the square root), ``"sum"`` (a count) or ``"max"``. Built once per set of parameters with gradients (the
+    scope keeps it), so its index vectors reach the device once, not every step.
     """
 
-    def __init__(self, params: list):
-        self.counts = [copies(p) if is_sharded(p) else 0 for p in params]
-        self.any = any(self.counts)
-        self._mask = self._div = None
+    def __init__(self, params: list, grads: list):
+        self.index = [k for k, p in enumerate(params) if is_sharded(p)]
+        self.counts = [copies(params[k], grads[k]) for k in self.index]
+        self.any = bool(self.index)
+        self._vectors_on: dict = {}
 
-    def _vectors(self, device):
-        if self._mask is None or self._mask.device != device:
-            counts = torch.tensor(self.counts, dtype=torch.float64, device=device)
-            self._mask, self._div = counts > 0, counts.clamp(min=1)
-        return self._mask, self._div
+    def _vectors(self, device) -> tuple[Tensor, Tensor]:
+        got = self._vectors_on.get(device)
+        if got is None:
+            got = self._vectors_on[device] = (torch.tensor(self.index, dtype=torch.long).to(device),
+                                               torch.tensor(self.counts, dtype=torch.float64).to(device))
+        return got
 
     def summands(self, measured: dict, kinds: dict) -> dict:
         """The numbers of ``measured`` (``{measure: per-parameter vector}``) that the ranks add up: for each measure
-        that combines by ``"norm"`` or ``"sum"``, this rank's squares (or counts) of its sharded parameters, 0 for
-        the others."""
+        that combines by ``"norm"`` or ``"sum"``, this rank's squares (or counts) of the sharded parameters only."""
         out = {}
         for name, v in measured.items():
             if kinds[name] in ("norm", "sum"):
-                mask, _ = self._vectors(v.device)
-                x = v.double().square() if kinds[name] == "norm" else v.double()
-                out[name] = torch.where(mask, x, torch.zeros_like(x))
+                idx, _ = self._vectors(v.device)
+                x = v.index_select(0, idx).double()
+                out[name] = x.square() if kinds[name] == "norm" else x
         return out
 
     def combine(self, measured: dict, kinds: dict, sums: dict) -> dict:
@@ -106,18 +131,17 @@ class Shards:
         dist = torch.distributed
         out = dict(measured)
         for name, v in measured.items():
-            mask, div = self._vectors(v.device)
+            idx, div = self._vectors(v.device)
             if kinds[name] == "max":
-                # NaN does not survive a MAX reduction everywhere: keep it, via the summed norm, as one process would
-                m = torch.where(mask, v.double(), torch.full_like(v, -1.0, dtype=torch.float64))
-                dist.all_reduce(m, op=dist.ReduceOp.MAX)
-                nan = torch.isnan(sums["grad_norm"]) if "grad_norm" in sums else torch.zeros_like(mask)
-                whole = torch.where(nan & mask, torch.full_like(m, float("nan")), m)
+                m = _all_reduce(v.index_select(0, idx).double(), dist.ReduceOp.MAX)
+                if "grad_norm" in sums:  # NaN does not survive a MAX reduction everywhere: the summed norm keeps it
+                    m = torch.where(torch.isnan(sums["grad_norm"].to(v.device)), torch.full_like(m, math.nan), m)
+                whole = m
             elif kinds[name] == "norm":
-                whole = (sums[name] / div).sqrt()
+                whole = (sums[name].to(v.device) / div).sqrt()
             else:
-                whole = sums[name] / div
-            out[name] = torch.where(mask, whole.to(v.dtype), v)
+                whole = sums[name].to(v.device) / div
+            out[name] = v.clone().index_copy_(0, idx, whole.to(v.dtype))
         return out
 
     def nonfinite_counts(self, grads: list) -> list[int]:
@@ -125,15 +149,13 @@ class Shards:
         of the whole parameter for a sharded one (one ``all_reduce``; every rank asks for the same sharded ones, since
         their norms were reduced), this rank's for the others."""
         local_counts = nonfinite_counts([local(g) for g, _ in grads])
-        sharded = [i for i, (_, k) in enumerate(grads) if self.counts[k]]
+        position = {k: j for j, k in enumerate(self.index)}
+        sharded = [i for i, (_, k) in enumerate(grads) if k in position]
         if not sharded:
             return local_counts
-        dist = torch.distributed
-        t = torch.tensor([float(local_counts[i]) for i in sharded], dtype=torch.float64,
-                         device=local(grads[sharded[0]][0]).device)
-        dist.all_reduce(t)
+        t = _all_reduce(torch.tensor([float(local_counts[i]) for i in sharded], dtype=torch.float64))
         for i, v in zip(sharded, t.tolist()):
-            local_counts[i] = int(round(v / self.counts[grads[i][1]]))
+            local_counts[i] = int(round(v / self.counts[position[grads[i][1]]]))
         return local_counts
 
 
@@ -142,8 +164,7 @@ def reduce_sums(sums: dict) -> dict:
     if not sums:
         return sums
     names = list(sums)
-    flat = torch.cat([sums[n].reshape(-1) for n in names])
-    torch.distributed.all_reduce(flat)
+    flat = _all_reduce(torch.cat([sums[n].reshape(-1) for n in names]))
     return dict(zip(names, flat.split([sums[n].numel() for n in names])))
 
 

@@ -158,6 +158,8 @@ def norms(tensors: list[Tensor]) -> Tensor:
         return torch.zeros(0, dtype=torch.float64)
     if tensors[0].device.type != "cpu":
         return _fused_norms([_real(_dense(t.detach())) for t in tensors])
+    if any(t.device.type != "cpu" for t in tensors):  # a model split over devices: one number per tensor
+        return _stack([sq_norm(t) for t in tensors]).sqrt()
     fast = [i for i, t in enumerate(tensors) if t.dtype is torch.float32 and t.layout is torch.strided
             and t.device.type == "cpu"]
     out = None

@@ -149,6 +149,33 @@ def test_after_the_probes_only_the_modules_that_make_functional_calls_are_watche
     assert not torch.overrides._get_current_function_mode_stack()  # no mode left entered
 
 
+def test_a_branch_first_taken_after_the_probe_passes_is_watched_from_its_first_run():
+    class Gate(nn.Module):
+        def forward(self, x):
+            return F.relu(x)
+
+    class Net(nn.Module):  # g2: an expert or a curriculum stage, first used at step 4
+        def __init__(self):
+            super().__init__()
+            self.a, self.g1, self.g2, self.h = nn.Linear(4, 8), Gate(), Gate(), nn.Linear(8, 1)
+            self.use2 = False
+
+        def forward(self, x):
+            x = self.g1(self.a(x))
+            return self.h(self.g2(x) if self.use2 else x)
+
+    model = Net()
+    scope = gradscope.watch(model)
+    seen = []
+    for step in range(7):
+        model.use2 = step >= 4
+        model(torch.randn(8, 4)).sum().backward()
+        scope.step()
+        seen.append(sorted(k for k in scope.latest() if ":" in k))
+    assert seen == [["g1:relu"]] * 4 + [["g1:relu", "g2:relu"]] * 3
+    scope.detach()
+
+
 def test_resnet18_has_a_dead_fraction_for_all_17_relu_call_sites_with_stable_names():
     model = torchvision.models.resnet18(num_classes=10)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

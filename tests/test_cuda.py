@@ -56,3 +56,10 @@ def test_statistics_on_cuda_equal_the_cpu_ones(monkeypatch):
         for key, v in st.items():
             if isinstance(v, float):
                 assert cuda[layer][key] == pytest.approx(v, rel=1e-4, abs=1e-7), (layer, key)
+
+
+def test_norms_of_a_model_split_over_cpu_and_cuda():
+    ts = [torch.randn(64, 32), torch.randn(16, device="cuda") * 1e-25, torch.randn(8, 8).t()]
+    got = gradscope.stats.norms(ts)
+    want = [float(t.detach().cpu().double().norm()) for t in ts]
+    assert got.tolist() == pytest.approx(want, rel=1e-6)

@@ -128,6 +128,23 @@ def fsdp_phases(rank, world, out_dir):
         scope.save(f"{out_dir}/fsdp-{name}-rank{rank}.jsonl")
         scope.detach()
         (Path(out_dir) / f"fsdp-{name}-calls{rank}.json").write_text(json.dumps(calls))
+    # a replicated DTensor parameter whose gradient is still Partial (a sum tensor parallelism has not reduced yet)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Replicate
+
+    mesh = init_device_mesh("cpu", (world,))
+    layer = nn.Linear(3, 1)
+    layer.weight = nn.Parameter(DTensor.from_local(layer.weight.detach(), mesh, [Replicate()]))
+    scope = gradscope.watch(layer, reduce_ranks=False)
+    layer.weight.grad = DTensor.from_local(torch.ones(1, 3), mesh, [Partial()])
+    layer.bias.grad = torch.ones(1)
+    try:
+        scope.step()
+        refused = "no error"
+    except RuntimeError as e:
+        refused = str(e)
+    scope.detach()
+    (Path(out_dir) / f"partial-rank{rank}.txt").write_text(refused)
     dist.barrier()
 
 
@@ -236,6 +253,13 @@ def test_fsdp2_ranks_agree_with_one_process_on_the_union(two_ranks, name):
     # one all_reduce of the step's numbers after a two-number size check; grad_max's max one more; NaN counts one more
     calls = [json.loads((out / f"fsdp-{name}-calls{r}.json").read_text()) for r in (0, 1)]
     assert calls[0] == calls[1] == ([3, 3, 3, 4] if name == "full" else [2, 2, 2])
+
+
+def test_a_partial_gradient_is_refused_not_summed(two_ranks):
+    out, _ = two_ranks
+    for r in (0, 1):
+        message = (out / f"partial-rank{r}.txt").read_text()
+        assert "Partial placement" in message and "scope.step() once the gradients are reduced" in message, message
 
 
 def test_fsdp1_is_refused_with_what_to_use_instead():

@@ -228,3 +228,19 @@ def test_torch_compile_gives_the_eager_statistics(order, every):
             assert got[layer][key] == pytest.approx(v, rel=1e-4, abs=1e-9), (layer, key)
     scope.detach()
     ref.detach()
+
+
+def test_a_compiled_model_with_functional_calls_is_left_with_no_function_mode_entered():
+    class Gelu(nn.Module):  # a functional tanh inside a module: watched op by op in eager mode
+        def forward(self, x):
+            return x * (1 + torch.tanh(x)) / 2
+
+    model = nn.Sequential(nn.Linear(4, 8), Gelu(), nn.Linear(8, 1))
+    scope = gradscope.watch(model)
+    compiled = torch.compile(model, backend="eager")
+    for _ in range(4):  # probe passes and the passes after them
+        compiled(torch.randn(8, 4)).sum().backward()
+        scope.step()
+        assert not torch.overrides._get_current_function_mode_stack()  # nothing left on for the user's code
+    assert "0" in scope.latest() and "2" in scope.latest()  # the modules' statistics, as in eager mode
+    scope.detach()
