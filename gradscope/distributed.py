@@ -65,9 +65,8 @@ def reduce_buffers(b: StepBuffers, loss=None, sums: dict | None = None) -> tuple
     host_sums = [int(round(v)) for v in parts.pop().tolist()]
     if loss is not None:
         loss = parts.pop() / world
-    summed = {}
-    for n in reversed(sum_names):
-        summed[n] = parts.pop()
+    summed = dict(zip(sum_names, parts[len(parts) - len(sum_names):]))
+    del parts[len(parts) - len(sum_names):]
     k, new = 0, {}
     if sig is not None:
         new["signal_parts"] = list(zip(sig_sites, parts[k] / world ** 2))  # float64: tiny signals stay nonzero
@@ -88,4 +87,4 @@ def reduce_buffers(b: StepBuffers, loss=None, sums: dict | None = None) -> tuple
         old = b.through_time[site]
         new["through_time"][site] = (parts[k] / world ** 2).to(old.dtype).reshape(old.shape)
         k += 1
-    return dataclasses.replace(b, **new), loss, {n: summed[n] for n in sum_names}
+    return dataclasses.replace(b, **new), loss, summed

@@ -160,28 +160,19 @@ def norms(tensors: list[Tensor]) -> Tensor:
         return _fused_norms([_real(_dense(t.detach())) for t in tensors])
     if any(t.device.type != "cpu" for t in tensors):  # a model split over devices: one number per tensor
         return _stack([sq_norm(t) for t in tensors]).sqrt()
-    fast = [i for i, t in enumerate(tensors) if t.dtype is torch.float32 and t.layout is torch.strided
-            and t.device.type == "cpu"]
-    out = None
-    if fast:
-        got = torch.stack(torch._foreach_norm([tensors[i].detach() for i in fast])).double()
-        if len(fast) == len(tensors):
-            out = got  # the usual case: no scatter into a new vector
-        else:
-            out = torch.empty(len(tensors), dtype=torch.float64)
-            out[fast] = got
-        sq = got.square()
-        bad = ~((sq >= TINY_SQ) & (sq < math.inf))
-        # (CPU tensors: reading them is no synchronisation; the usual answer is one scalar)
-        redo = [fast[k] for k in bad.nonzero().flatten().tolist()] if bad.any().item() else []
+    fast = [i for i, t in enumerate(tensors) if t.dtype is torch.float32 and t.layout is torch.strided]
+    if len(fast) == len(tensors):  # the usual case
+        out = torch.stack(torch._foreach_norm([t.detach() for t in tensors])).double()
     else:
-        redo = []
-    slow = sorted(set(range(len(tensors))).difference(fast).union(redo)) if redo or len(fast) < len(tensors) else []
-    if out is None:
         out = torch.empty(len(tensors), dtype=torch.float64)
-    if slow:
-        out[slow] = torch.stack([(sq_norm(tensors[i]) if i not in redo else exact_sq_norm(tensors[i].detach()))
-                                 for i in slow]).sqrt()
+        if fast:
+            out[fast] = torch.stack(torch._foreach_norm([tensors[i].detach() for i in fast])).double()
+    # float32 results whose square may have underflowed or overflowed: exactly (reading a CPU tensor is no sync)
+    sq = out[fast].square() if len(fast) < len(tensors) else out.square()
+    bad = ~((sq >= TINY_SQ) & (sq < math.inf))
+    redo = {fast[k] for k in bad.nonzero().flatten().tolist()} if fast and bad.any().item() else set()
+    for i in sorted(redo.union(set(range(len(tensors))).difference(fast))):
+        out[i] = (exact_sq_norm(tensors[i].detach()) if i in redo else sq_norm(tensors[i])).sqrt()
     return out
 
 

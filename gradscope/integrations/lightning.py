@@ -10,7 +10,6 @@ trainer's loggers from global rank 0, and detaches when fit ends or fails. Needs
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 
@@ -19,9 +18,9 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without lightning
     raise ImportError("gradscope.integrations.lightning needs Lightning: pip install lightning") from e
 
-from ..record import _finite, layer_scalars
 from .. import _torch
 from ..options import refuse_step_options
+from ._common import step_metrics, warn_alerts
 from ..scope import watch
 from ..statistics import names
 
@@ -76,17 +75,11 @@ class GradscopeCallback(Callback):
 
     def _log(self, trainer, scope, new) -> None:
         record = scope.history.last
-        metrics = {"gradscope/alerts": float(len(new))}
-        factor = scope.decay_factor(record)
-        if _finite(factor):
-            metrics["gradscope/decay_factor"] = factor
-        metrics.update((f"gradscope/{stat}/{layer}", v) for stat, layer, v in layer_scalars(record, self.log_stats))
+        metrics = {"gradscope/alerts": float(len(new)), **step_metrics(scope, record, self.log_stats)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         if self.warn:
-            for alert in new:
-                warnings.warn(f"gradscope: {alert.kind} in {alert.layer or '(root)'} at step {alert.step}: "
-                              f"{alert.message} Remedy: {alert.hint}", RuntimeWarning, stacklevel=2)
+            warn_alerts(new, stacklevel=2)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.scope is not None and self.save_to is not None and trainer.is_global_zero:

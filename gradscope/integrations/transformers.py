@@ -47,8 +47,8 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
                       "pip install transformers accelerate") from e
 
 from ..alerts import GradientError
-from ..record import _finite, layer_scalars
 from ..options import refuse_step_options
+from ._common import step_metrics, warn_alerts
 from ..scope import watch
 from ..statistics import names
 
@@ -280,17 +280,10 @@ class GradscopeCallback(TrainerCallback):
 
     def _collected(self, state, scope, new) -> None:
         record = scope.history.last
-        numbers = {}
-        factor = scope.decay_factor(record)
-        if _finite(factor):
-            numbers["gradscope/decay_factor"] = factor
-        numbers.update((f"gradscope/{stat}/{layer}", v) for stat, layer, v in layer_scalars(record, self.log_stats))
-        self._pending = numbers
+        self._pending = step_metrics(scope, record, self.log_stats)
         self._new_alerts += len(new)
         if self.warn and state.is_world_process_zero:
-            for alert in new:
-                warnings.warn(f"gradscope: {alert.kind} in {alert.layer or '(root)'} at step {alert.step}: "
-                              f"{alert.message} Remedy: {alert.hint}", RuntimeWarning, stacklevel=3)
+            warn_alerts(new, stacklevel=3)
 
     def _save(self, args, state) -> None:
         if self.scope is None or self.save_to is False or not state.is_world_process_zero:
