@@ -79,19 +79,24 @@ _GATE_NAME = re.compile(r"(^|[._:])(gate|gates|se|attn|attention|excite|excitati
 _GATE_CLASS = re.compile(r"(SqueezeExcit|SEModule|SELayer|Gate|Attention|EffectiveSE)", re.I)
 
 
-def activation_role(site: str, owner: nn.Module | None, kind: str, broadcast: bool) -> str | None:
-    """``"gate"`` or ``"inner"`` for a sigmoid/tanh site that is not a saturating layer of its own, else None.
+def inside_activation(owner: nn.Module) -> bool:
+    """Whether a functional sigmoid/tanh called by ``owner`` is part of an activation function rather than a layer's
+    activation: ``owner`` is a parameter-free leaf module that is not itself a sigmoid/tanh (GELU's tanh
+    approximation, SiLU/Swish, Mish). Such a call is not a site: its saturation only says the outer activation is in
+    its linear or zero regime, which is no fault, so it is neither measured nor shown (and a model whose only
+    functional calls are these runs without the functional-call mode after its first passes)."""
+    return next(owner.parameters(recurse=True), None) is None and next(owner.children(), None) is None \
+        and class_name(owner) not in SATURATING
 
-    * ``"inner"``: a functional sigmoid/tanh inside a parameter-free activation module (GELU's tanh approximation,
-      SiLU/Swish, Mish): its saturation is the outer activation being linear or zero.
-    * ``"gate"``: a sigmoid that multiplies something (squeeze-excite, attention or LSTM-style gates), known by its
-      name, its owner's class, or an output that broadcasts over positions ((N, C, 1, 1)): gates are meant to saturate.
+
+def activation_role(site: str, owner: nn.Module | None, kind: str, broadcast: bool) -> str | None:
+    """``"gate"`` for a sigmoid/tanh site that is meant to saturate, else None: a sigmoid that multiplies something
+    (squeeze-excite, attention or LSTM-style gates), known by its name, its owner's class, or an output that
+    broadcasts over positions ((N, C, 1, 1)). (Older logs may also hold ``"inner"``: a sigmoid/tanh inside an
+    activation function, see :func:`inside_activation`, which is no longer a site.)
     """
     if kind not in ("sigmoid", "tanh"):
         return None
-    if owner is not None and ":" in site and next(owner.parameters(recurse=True), None) is None \
-            and next(owner.children(), None) is None and type(owner).__name__ not in SATURATING:
-        return "inner"
     if broadcast or _GATE_NAME.search(site) or (owner is not None and _GATE_CLASS.search(type(owner).__name__)):
         return "gate"
     return None

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _torch
+from .anatomy import inside_activation
 from .activations import (DeadUnitBank, DeadUnitState, FunctionalCalls, TimeProfile, fired_counts, module_kind,
                           saturation_counts, unit_dim)
 from .sharded import local
@@ -268,6 +269,7 @@ class Collector:
     def _read_tree(self, model: nn.Module) -> None:
         """What each module is (activation kind, inplace, profiled) and where it hangs (see :meth:`tree_changed`)."""
         self.module_kinds, self.inplace_modules, self.profile_modules = {}, set(), set()
+        self.activation_functions = {name for name, module in model.named_modules() if inside_activation(module)}
         for name, module in model.named_modules():
             kind = module_kind(module)
             if kind is not None:
@@ -462,10 +464,11 @@ class Collector:
     FUNCTIONAL_PROBE_EVERY = 50
     """The mode is entered for the whole forward pass on the first 3 collected forward passes and then on every 50th
     (its Python dispatch of every op costs ~2% of a resnet18 step on CPU); on the others, only inside the modules
-    whose own forward made a functional activation call (GPT-2's ``NewGELUActivation``: its ``tanh``) and inside any
-    module running for the first time with the mode on (a branch first taken later: an expert, a new head), so that a
-    model with a few such calls does not pay for every op of its forward (~2 ms of a 25 ms GPT-2 forward). Functional
-    calls the root module makes itself keep the mode on for the whole pass."""
+    whose own forward made a functional activation call (a block's ``F.relu``) and inside any module running for the
+    first time with the mode on (a branch first taken later: an expert, a new head), so that a model with a few such
+    calls does not pay for every op of its forward (~2 ms of a 25 ms GPT-2 forward). Functional calls the root module
+    makes itself keep the mode on for the whole pass. The sigmoid/tanh inside an activation function (GPT-2's
+    ``NewGELUActivation``) is no site (:func:`gradscope.anatomy.inside_activation`), so its module is no owner."""
 
     def _watch_functional(self) -> str:
         """How this collected forward pass watches functional calls: ``"pass"`` (the whole pass) or ``"owners"``
@@ -659,6 +662,8 @@ class Collector:
         owner = st.stack[-1] if st.stack else self._root
         if self.module_kinds.get(owner) in ("relu", "sigmoid", "tanh"):
             return  # nn.ReLU's own F.relu: the module is the site
+        if kind != "relu" and owner in self.activation_functions:
+            return  # GELU's tanh, SiLU's sigmoid: part of an activation function, not a site (see inside_activation)
         cur = st.cur or self._open_pass(st)
         site = self._next_site(f"{owner}:{kind}")
         if site not in self.order:

@@ -523,8 +523,9 @@ class Saturation:
     exceeds ``threshold``. Default ``0.5``: "most of the layer" -- then most of the gradient through it is scaled by
     8% or less of the activation's maximum derivative. Glorot & Bengio (2010) saw the top hidden sigmoid layer of a
     deep net driven to 0 early in training: this is the alert that catches it. Gates (squeeze-excite, attention or
-    LSTM-style sigmoids) and the tanh/sigmoid inside another activation (GELU's tanh approximation, SiLU) are measured
-    but never alert: the layer table marks them with a ``role`` (see :func:`gradscope.anatomy.activation_role`).
+    LSTM-style sigmoids) are measured but never alert: the layer table marks them with a ``role`` (see
+    :func:`gradscope.anatomy.activation_role`). The tanh/sigmoid inside another activation (GELU's tanh approximation,
+    SiLU) is not a site at all (:func:`gradscope.anatomy.inside_activation`).
     """
 
     threshold: float = 0.5

@@ -40,7 +40,7 @@ class LayerInfo:
         module: the module class (``"Conv2d"``), or ``"F.relu"`` for a functional call.
         params: the trainable parameters it owns (0 for a second call site or a functional call).
         profile: whether it is a point of the depth profile (leaf modules and parameterised ones).
-        role: ``"gate"`` or ``"inner"`` for a sigmoid/tanh that is meant to saturate
+        role: ``"gate"`` for a sigmoid/tanh that is meant to saturate (older logs: also ``"inner"``)
             (:func:`gradscope.anatomy.activation_role`), else None.
         depth: its position in forward order.
         extra: fields of a loaded log this version does not know, kept as they were.

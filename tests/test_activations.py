@@ -118,12 +118,22 @@ def test_functional_calls_are_named_after_their_module_per_call():
     scope.detach()
 
 
-def test_after_the_probes_only_the_modules_that_make_functional_calls_are_watched_op_by_op(monkeypatch):
-    class Gelu(nn.Module):  # a tanh-approximated GELU, as GPT-2's NewGELUActivation
-        def forward(self, x):
-            return 0.5 * x * (1 + torch.tanh(0.79788456 * (x + 0.044715 * x ** 3)))
+class TanhBlock(nn.Module):  # a layer whose forward applies its activation functionally
+    def __init__(self, n):
+        super().__init__()
+        self.lin = nn.Linear(n, n)
 
-    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), Gelu(), nn.Linear(8, 8), Gelu(), nn.Linear(8, 1))
+    def forward(self, x):
+        return torch.tanh(self.lin(x))
+
+
+class Gelu(nn.Module):  # a tanh-approximated GELU, as GPT-2's NewGELUActivation
+    def forward(self, x):
+        return 0.5 * x * (1 + torch.tanh(0.79788456 * (x + 0.044715 * x ** 3)))
+
+
+def _ops_per_pass(monkeypatch, model, passes=6):
+    """The ops each collected forward pass sends through gradscope's functional-call mode, and the scope."""
     seen = []
     real = gradscope.activations.FunctionalCalls.__torch_function__
 
@@ -133,20 +143,39 @@ def test_after_the_probes_only_the_modules_that_make_functional_calls_are_watche
 
     monkeypatch.setattr(gradscope.activations.FunctionalCalls, "__torch_function__", counting)
     scope = gradscope.watch(model)
-    per_pass, sat = [], []
-    for _ in range(6):  # passes 0-2 watch every op (probes); 3-5 only inside the two Gelu calls
+    per_pass, latest = [], []
+    for _ in range(passes):
         seen.clear()
         model(torch.randn(16, 4)).sum().backward()
         scope.step()
         per_pass.append(list(seen))
-        sat.append([scope.latest()[site]["saturation"] for site in ("2:tanh", "4:tanh")])
-    probe, scoped = per_pass[0], per_pass[3]
-    assert "linear" in probe and "layer_norm" in probe  # a probe pass sees every op
-    assert "linear" not in scoped and "layer_norm" not in scoped and scoped.count("tanh") == 2
+        latest.append(scope.latest())
+    return per_pass, latest, scope
+
+
+def test_after_the_probes_only_the_modules_that_make_functional_calls_are_watched_op_by_op(monkeypatch):
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), TanhBlock(8), nn.Linear(8, 8), TanhBlock(8),
+                          nn.Linear(8, 1))
+    per_pass, latest, scope = _ops_per_pass(monkeypatch, model)  # passes 0-2 watch every op (probes)
+    probe, scoped = per_pass[0], per_pass[3]  # 3-5 only inside the two TanhBlock calls
+    assert probe.count("linear") == 5 and "layer_norm" in probe  # a probe pass sees every op
+    assert scoped.count("linear") == 2 and "layer_norm" not in scoped and scoped.count("tanh") == 2
     assert per_pass[3] == per_pass[4] == per_pass[5]
-    assert all(len(s) == 2 for s in sat)  # both sites measured on every step, probe or not
+    assert all(0 <= st[site]["saturation"] <= 1 for st in latest for site in ("2:tanh", "4:tanh"))  # every step
     scope.detach()
     assert not torch.overrides._get_current_function_mode_stack()  # no mode left entered
+
+
+def test_the_tanh_inside_an_activation_function_is_no_site_and_costs_no_mode(monkeypatch):
+    model = nn.Sequential(nn.Linear(4, 8), Gelu(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 8), Gelu(),
+                          nn.Linear(8, 1))
+    per_pass, latest, scope = _ops_per_pass(monkeypatch, model)
+    assert per_pass[0].count("tanh") == 2 and "silu" in per_pass[0]  # the probes see them ...
+    assert per_pass[3:] == [[], [], []]  # ... then no op goes through the mode
+    assert scope.layer_names == ["0", "1", "2", "3", "4", "5", "6"]  # no "1:tanh" site
+    assert all("saturation" not in st for record in latest for st in record.values())
+    assert not [a for a in scope.alerts if a.kind == "saturation"]
+    scope.detach()
 
 
 def test_a_branch_first_taken_after_the_probe_passes_is_watched_from_its_first_run():
@@ -507,6 +536,20 @@ def test_empty_batches_leave_firing_rates_finite():
         scope.step()
     assert torch.isfinite(scope.firing_rates()["1"]).all()
     scope.detach()
+
+
+def test_saturation_counts_stay_exact_beyond_float32_integers():
+    # a float32 sum of 0/1 values stops counting at 2**24: bigger outputs are summed in float64
+    from gradscope.activations import saturation_counts
+
+    n = 2**24 + 3
+    y = torch.full((n,), 0.999)
+    y[:2] = 0.0  # 2**24 + 1 saturated: odd, not a float32
+    saturated, total, numel = saturation_counts(y, "tanh", 0.02)
+    assert numel == n and int(saturated) == n - 2 and saturated.dtype == torch.float64
+    small = saturation_counts(torch.tensor([0.1, -0.995, 0.99, float("nan")]), "tanh", 0.02)
+    assert small[0].item() == 2 and small[1].isnan()  # NaN is not saturated; the sum shows it
+    assert saturation_counts(torch.tensor([0.001, 0.5, 0.999]), "sigmoid", 0.02)[0].item() == 2
 
 
 def test_saturation_under_bfloat16_autocast_is_counted_in_float32():
