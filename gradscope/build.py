@@ -107,26 +107,28 @@ def build_record(step: int, params: list, grads: list, buffers: StepBuffers, ban
         nonfinite = {}
     numels = [p.numel() for _, _, p in params]
 
-    each = [(s.name, FOLDS[s.per_layer].each(tuple(raw[m] for m in s.reads), numels)) for s in wanted]
-    per_param = {}
+    # per parameter: one column per statistic (its fold's ``each``), then one dict per parameter from the rows
+    names = [s.name for s in wanted] + ["grad_nonfinite"]
+    columns = [FOLDS[s.per_layer].each(tuple(raw[m] for m in s.reads), numels) for s in wanted]
+    columns.append([nonfinite.get(k, 0) for k in range(len(params))] if nonfinite else [0] * len(params))
+    per_param = {pname: dict(zip(names, row)) for (pname, _, _), row in zip(params, zip(*columns))}
     groups = defaultdict(list)
-    for k, (pname, lname, _) in enumerate(params):
-        per_param[pname] = {name: values[k] for name, values in each}
-        per_param[pname]["grad_nonfinite"] = nonfinite.get(k, 0)
+    for k, (_, lname, _) in enumerate(params):
         groups[lname].append(k)
-
-    def fold(idx: list[int]) -> dict:  # a layer's values, from its parameters'
+    folded = {}  # per layer: a copy of its one parameter's values, or its parameters' folded
+    for lname, idx in groups.items():
         if len(idx) == 1:
-            return dict(per_param[params[idx[0]][0]])
+            folded[lname] = dict(per_param[params[idx[0]][0]])
+            continue
         n = [numels[k] for k in idx]
         st = {s.name: FOLDS[s.per_layer].group(tuple([raw[m][k] for k in idx] for m in s.reads), n) for s in wanted}
-        st["grad_nonfinite"] = sum(nonfinite.get(k, 0) for k in idx)
-        return st
+        st["grad_nonfinite"] = sum(columns[-1][k] for k in idx)
+        folded[lname] = st
 
     layers = {}
     for e in table:
         name = e.name
-        st = fold(groups[name]) if name in groups else {}
+        st = folded.get(name) or {}
         if name in sig:
             st["backprop_signal"] = math.sqrt(sig[name]) / scale
         if name in out_sum:

@@ -135,6 +135,8 @@ class History:
         self._records: list[_Packed] = []
         self._last_kept = False
         self._columns: tuple | None = None  # the column list of the newest packed record, reused while it fits
+        self._shape: tuple | None = None  # what decides that list: per layer and parameter, its keys and their types
+        self._ints: list = []  # the positions of the int columns in it
         self._read: list | None = None  # records() unpacked, kept until the next append: readers call it often
         self.last: StepRecord | None = None
 
@@ -154,9 +156,30 @@ class History:
         self._offered += 1
 
     def _pack(self, record: StepRecord) -> "_Packed":
+        # the usual case: the same layers, statistics and value types as the record before, every value a float or
+        # an int exact as a float: the column list is reused and the numbers copied per layer, not per value
+        if self._shape is None:
+            return self._pack_each(record)
+        shape, values = [], array("d")
+        try:
+            for table in (record.layers, record.params):
+                shape.append(None)  # between the parts: a parameter may share a layer's name
+                for name, stats in table.items():
+                    shape.append((name, tuple(stats), tuple(map(type, stats.values()))))
+                    values.extend(stats.values())
+        except (TypeError, OverflowError):  # a value that is no number (array('f'), a string), an int beyond float
+            return self._pack_each(record)
+        if tuple(shape) != self._shape or not all(-_EXACT < values[i] < _EXACT for i in self._ints):
+            return self._pack_each(record)
+        return _Packed(record.step, self._columns, values, None, dict(record.info))
+
+    def _pack_each(self, record: StepRecord) -> "_Packed":
         columns, values, other = [], array("d"), {}
+        shape = []
         for part, table in ((0, record.layers), (1, record.params)):
+            shape.append(None)
             for name, stats in table.items():
+                shape.append((name, tuple(stats), tuple(map(type, stats.values()))))
                 for stat, v in stats.items():
                     if type(v) is float:
                         columns.append((part, name, stat, _FLOAT))
@@ -171,6 +194,8 @@ class History:
         columns = tuple(columns)
         if columns != self._columns:  # usually equal: the same layers and statistics as the record before
             self._columns = columns
+        self._shape = None if other else tuple(shape)  # a record with other values is always packed value by value
+        self._ints = [k for k, c in enumerate(columns) if c[3] == _INT]
         return _Packed(record.step, self._columns, values, other or None, dict(record.info))
 
     def __len__(self) -> int:

@@ -68,14 +68,15 @@ TINY_SQ = 1e-30
 
 
 def sq_norm(t: Tensor) -> Tensor:
-    """Squared L2 norm as a float64 0-d tensor (sums of these add up over batches and backward calls), never lost to
-    float32 underflow or overflow.
+    """Squared L2 norm as a 0-d tensor, never lost to float32 underflow or overflow.
 
     On CPU a float32/bfloat16/float16 tensor is summed in float32 first (``torch.dot``: one BLAS pass, the cheap
-    path for every healthy gradient); only when that sum is below :data:`TINY_SQ` or not finite is it recomputed
-    exactly by :func:`exact_sq_norm` (~3x the cost). Reading a CPU scalar is not a device synchronisation. Other
-    devices always take :func:`exact_sq_norm`, whose fused float64 kernel reads the input without a copy and never
-    synchronises.
+    path for every healthy gradient) and that float32 sum is returned when it lies between :data:`TINY_SQ` and
+    float32's largest value (converting it to float64 would add no digits, only ~2 us per call); otherwise it is
+    recomputed exactly in float64 by :func:`exact_sq_norm` (~3x the cost). Reading a CPU scalar is not a device
+    synchronisation. Other devices always take :func:`exact_sq_norm`, whose fused float64 kernel reads the input
+    without a copy and never synchronises. Sum several in float64 (:func:`sum_by_key` does): two float32 values near
+    float32's limit add up to inf.
     """
     d = t.detach()
     if not d.is_cpu or d.is_sparse or d.is_complex() or d.dtype is torch.float64:
@@ -88,7 +89,7 @@ def sq_norm(t: Tensor) -> Tensor:
     v = s.item()
     if v < TINY_SQ or not math.isfinite(v):
         return exact_sq_norm(d)
-    return s.double()
+    return s
 
 
 def exact_sq_norm(t: Tensor) -> Tensor:
@@ -159,7 +160,8 @@ def norms(tensors: list[Tensor]) -> Tensor:
     if tensors[0].device.type != "cpu":
         return _fused_norms([_real(_dense(t.detach())) for t in tensors])
     if any(t.device.type != "cpu" for t in tensors):  # a model split over devices: one number per tensor
-        return _stack([sq_norm(t) for t in tensors]).sqrt()
+        sq = _stack([sq_norm(t) for t in tensors])
+        return sq.to(_wide(sq.device)).sqrt()
     fast = [i for i, t in enumerate(tensors) if t.dtype is torch.float32 and t.layout is torch.strided]
     if len(fast) == len(tensors):  # the usual case
         out = torch.stack(torch._foreach_norm([t.detach() for t in tensors])).double()
@@ -235,12 +237,13 @@ def sum_by_key(parts: list[tuple], column: int = 1) -> tuple[list, Tensor]:
     """``(keys in first-seen order, stacked per-key sums of column ``column``)`` of ``[(key, 0-d tensor, ...)]``.
 
     A key seen once (the usual case) costs nothing beyond one ``stack``; repeated keys (gradient accumulation, a
-    module returning several tensors) are summed.
+    module returning several tensors) are summed in float64 (float32 on MPS), whatever their dtypes: two finite
+    float32 squared norms may add up beyond float32.
     """
     groups: dict = {}
     for part in parts:
         groups.setdefault(part[0], []).append(part[column])
-    values = [v[0] if len(v) == 1 else torch.stack(v).sum(0) for v in groups.values()]
+    values = [v[0] if len(v) == 1 else (s := _stack(v)).to(_wide(s.device)).sum(0) for v in groups.values()]
     return list(groups), _stack(values)
 
 

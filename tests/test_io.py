@@ -271,6 +271,24 @@ def test_history_keeps_records_packed_and_reads_them_back_equal():
     assert h.records()[-1] is recs[-1]
 
 
+def test_history_reuses_the_layout_only_while_names_statistics_and_types_match():
+    h = History(100)
+    rows = [{"grad_norm": 0.5, "dead_units": 3}, {"grad_norm": 0.25, "dead_units": 4},  # same layout
+            {"grad_norm": 0.25, "dead_units": 4.0},  # an int column now holds a float
+            {"grad_norm": 0.125, "dead_units": 2**53 + 1},  # an int beyond float's exact range
+            {"grad_norm": 1.0, "dead_units": 5}, {"dead_units": 5, "grad_norm": 1.0},  # the same keys, reordered
+            {"grad_norm": "n/a", "dead_units": 6}, {"grad_norm": 2.0, "dead_units": 7, "units": 8}]
+    recs = []
+    for s, row in enumerate(rows):
+        recs.append(StepRecord(s, {"a": dict(row)}, {"a": {"grad_norm": 1.5 * s, "grad_nonfinite": s}}))
+        h.append(recs[-1])
+    for got, want in zip(h, recs):
+        for part in ("layers", "params"):
+            g, w = getattr(got, part)["a"], getattr(want, part)["a"]
+            assert list(g.items()) == list(w.items()) and [type(v) for v in g.values()] == [type(v) for v in w.values()]
+    assert h._records[0].columns is h._records[1].columns and h._records[1].values.itemsize == 8
+
+
 def test_history_costs_at_most_16_bytes_per_value_on_a_real_run():
     import torch
     import torch.nn.functional as F
