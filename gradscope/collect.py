@@ -151,6 +151,7 @@ class _ForwardState(threading.local):
         self.scope_at = 0  # the module stack's depth at which the scoped mode was entered (0: not entered)
         self.checked = None  # the last output whose NaN/Inf check was recorded (see Collector._needs_check)
         self.checked_version = 0  # its version counter then: an inplace change since shows in it
+        self.check = None  # and its check (the float32 sum of its entries)
         self.cur: _Pass | None = None  # the forward pass whose parts the hooks record
         self.frame = None  # the frame of the root module's call in progress (see Collector._stale)
         self.sub_frame = None  # the outermost submodule call in progress when the root is not running
@@ -621,10 +622,11 @@ class Collector:
             return True
         return args[0]._version != st.checked_version + (1 if inplace else 0)
 
-    def _set_checked(self, t) -> None:
+    def _set_checked(self, t, check) -> None:
         st = self._fwd
         st.checked = t if isinstance(t, Tensor) else None
         st.checked_version = t._version if st.checked is not None else 0
+        st.check = check
 
     def _record_output(self, name: str, site: str, args, output) -> None:
         kind = self.module_kinds.get(name)
@@ -639,11 +641,15 @@ class Collector:
         if site not in self.order:
             self.order[site] = name
         if check is None and kind not in ("relu", "sigmoid", "tanh"):
-            floats = [t.detach().sum(dtype=torch.float32) for t in tensors if t.is_floating_point()]
-            check = floats[0] if len(floats) == 1 else torch.stack(floats).sum() if floats else None
+            if output is st.checked and output._version == st.checked_version:
+                # a block or a Sequential returning what its last module returned, unchanged: the same check
+                check = st.check
+            else:
+                floats = [t.detach().sum(dtype=torch.float32) for t in tensors if t.is_floating_point()]
+                check = floats[0] if len(floats) == 1 else torch.stack(floats).sum() if floats else None
         if check is not None:
             cur.output_parts.append((site, check))
-            self._set_checked(output)
+            self._set_checked(output, check)
         cur.hooked.add(site)
         cur.hooks = True
         self._step_modules.add(name)
@@ -674,7 +680,7 @@ class Collector:
             check = self._observe(cur, site, kind, out, self._needs_check((inp,), out is inp))
         if check is not None:
             cur.output_parts.append((site, check))
-            self._set_checked(out)
+            self._set_checked(out, check)
 
     def _observe(self, cur: _Pass, site: str, kind: str, out: Tensor, check: bool = True) -> Tensor | None:
         """Record a ReLU/sigmoid/tanh output in the pass ``cur``; return the sum of the outputs (the site's forward

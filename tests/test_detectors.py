@@ -122,6 +122,45 @@ def test_activation_after_an_unseen_inplace_nan_is_named(relu):
     scope.detach()
 
 
+class Block(nn.Module):
+    """Returns its last module's output: as it is, or with a NaN written into it in place."""
+
+    def __init__(self, last):
+        super().__init__()
+        self.lin, self.last, self.write_nan = nn.Linear(4, 4), last, False
+
+    def forward(self, x):
+        out = self.last(self.lin(x))
+        if self.write_nan:
+            out[0, 0] = float("nan")  # in place, by an op no hook sees: the output's version moves
+        return out
+
+
+@pytest.mark.parametrize("last", [nn.Linear(4, 4), nn.Tanh()])
+def test_a_block_returning_its_last_output_shares_its_check_unless_changed_in_place(last):
+    # a container whose output is the tensor its last module returned, unchanged, reuses that module's NaN/Inf check
+    model = nn.Sequential(Block(last), nn.Linear(4, 2))
+    scope = gradscope.watch(model)
+
+    def step(x):
+        model.zero_grad()
+        F.cross_entropy(model(x), torch.tensor([0, 1, 0])).backward()
+        return [a.layer for a in scope.step() if a.kind == "nonfinite"], scope.latest()
+
+    flagged, latest = step(torch.randn(3, 4))
+    assert flagged == [] and latest["0"]["output_nonfinite"] == 0.0
+    x = torch.randn(3, 4)
+    x[1, 2] = float("nan")  # the first layer passes it on; the block returns it unchanged
+    flagged, latest = step(x)
+    assert flagged == ["0.lin"] and latest["0"]["output_nan"] == latest["0.last"]["output_nan"] == 1.0
+    if isinstance(last, nn.Linear):  # (tanh keeps its output for its backward: no inplace change allowed there)
+        model[0].write_nan = True
+        flagged, latest = step(torch.randn(3, 4))
+        assert latest["0.last"]["output_nonfinite"] == 0.0 and latest["0"]["output_nan"] == 1.0
+        assert flagged == ["0"]
+    scope.detach()
+
+
 def test_nan_from_the_loss_names_the_layer_closest_to_the_loss():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     scope = gradscope.watch(model)
