@@ -225,7 +225,8 @@ def saturation_counts(out: Tensor, kind: str, eps: float) -> tuple[Tensor, Tenso
 
     The distance from the centre is compared in place (``ge_``: 1.0 or 0.0 in the same buffer) and summed as floats:
     on CPU a bool tensor's sum is 3-4x slower than the whole rest (a (8, 64, 512) tanh output: 45 against 170 us).
-    A float32 sum of 0/1 values is exact while the count fits in 2**24; larger outputs are summed in float64.
+    A float32 sum of 0/1 values is exact while the count fits in 2**24; larger outputs are summed in float64 (MPS,
+    which has none: float32).
     """
     low, high = BOUNDS[kind]
     y = out.detach()
@@ -235,7 +236,7 @@ def saturation_counts(out: Tensor, kind: str, eps: float) -> tuple[Tensor, Tenso
     # tanh (centred on 0): no shifted copy, 2.5x faster on a (8, 64, 512) output on CPU
     far = (y.abs() if mid == 0 else (y - mid).abs_()).ge_(half - eps)
     numel = y.numel()
-    saturated = far.sum(dtype=torch.float64) if numel > _EXACT_F32 else far.sum()
+    saturated = far.sum(dtype=_wide(far.device)) if numel > _EXACT_F32 else far.sum()  # (MPS: float32, its widest)
     return saturated, y.sum(), numel
 
 

@@ -270,7 +270,7 @@ class Collector:
     def _read_tree(self, model: nn.Module) -> None:
         """What each module is (activation kind, inplace, profiled) and where it hangs (see :meth:`tree_changed`)."""
         self.module_kinds, self.inplace_modules, self.profile_modules = {}, set(), set()
-        self.activation_functions = {name for name, module in model.named_modules() if inside_activation(module)}
+        self.activation_functions: dict[str, bool] = {}  # module -> inside_activation(), at its first functional call
         for name, module in model.named_modules():
             kind = module_kind(module)
             if kind is not None:
@@ -668,8 +668,12 @@ class Collector:
         owner = st.stack[-1] if st.stack else self._root
         if self.module_kinds.get(owner) in ("relu", "sigmoid", "tanh"):
             return  # nn.ReLU's own F.relu: the module is the site
-        if kind != "relu" and owner in self.activation_functions:
-            return  # GELU's tanh, SiLU's sigmoid: part of an activation function, not a site (see inside_activation)
+        if kind != "relu":
+            inside = self.activation_functions.get(owner)
+            if inside is None:  # decided now, not at watch(): a lazy layer creates its parameters in its first forward
+                inside = self.activation_functions[owner] = inside_activation(self._model.get_submodule(owner))
+            if inside:
+                return  # GELU's tanh, SiLU's sigmoid: part of an activation function, not a site (inside_activation)
         cur = st.cur or self._open_pass(st)
         site = self._next_site(f"{owner}:{kind}")
         if site not in self.order:

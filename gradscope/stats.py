@@ -150,10 +150,11 @@ def exact_sq_norm(t: Tensor) -> Tensor:
 def norms(tensors: list[Tensor]) -> Tensor:
     """L2 norms of many tensors as one float64 vector (same range guarantees as :func:`sq_norm`).
 
-    CPU: dense float32 tensors take one ``_foreach_norm`` call (float32, as :func:`sq_norm`'s first pass; one C++
-    loop instead of a Python call per tensor: 0.29 against 0.50 ms for the 40 gradients of a 20-layer MLP), and any
+    CPU: dense float32 tensors take a BLAS ``torch.dot`` each (float32, as :func:`sq_norm`'s first pass), and any
     whose squared norm is below :data:`TINY_SQ` or not finite is recomputed exactly (:func:`exact_sq_norm`); other
-    tensors take :func:`sq_norm`. Other devices: :func:`_fused_norms`, one fused float64 kernel.
+    tensors take :func:`sq_norm`. Other devices: :func:`_fused_norms`, one fused float64 kernel. The dots beat one
+    ``_foreach_norm`` call on both speed and rounding (measured on 2 threads: resnet18's 62 gradients 1.08 against
+    1.85 ms, a 20-layer MLP's 40 0.23 against 0.28 ms; relative error of a 2.4M-entry norm 5e-6 against 4e-5).
     """
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
@@ -163,18 +164,19 @@ def norms(tensors: list[Tensor]) -> Tensor:
         sq = _stack([sq_norm(t) for t in tensors])
         return sq.to(_wide(sq.device)).sqrt()
     fast = [i for i, t in enumerate(tensors) if t.dtype is torch.float32 and t.layout is torch.strided]
+    sq = torch.stack([torch.dot(f, f) for f in (_flat(tensors[i].detach()) for i in fast)]).double() if fast \
+        else torch.zeros(0, dtype=torch.float64)
     if len(fast) == len(tensors):  # the usual case
-        out = torch.stack(torch._foreach_norm([t.detach() for t in tensors])).double()
+        out = sq.sqrt()
     else:
         out = torch.empty(len(tensors), dtype=torch.float64)
         if fast:
-            out[fast] = torch.stack(torch._foreach_norm([tensors[i].detach() for i in fast])).double()
-    # float32 results whose square may have underflowed or overflowed: exactly (reading a CPU tensor is no sync)
-    sq = out[fast].square() if len(fast) < len(tensors) else out.square()
+            out[fast] = sq.sqrt()
+    # float32 sums of squares that may have underflowed or overflowed: exactly (reading a CPU tensor is no sync)
     bad = ~((sq >= TINY_SQ) & (sq < math.inf))
     redo = {fast[k] for k in bad.nonzero().flatten().tolist()} if fast and bad.any().item() else set()
     for i in sorted(redo.union(set(range(len(tensors))).difference(fast))):
-        out[i] = (exact_sq_norm(tensors[i].detach()) if i in redo else sq_norm(tensors[i])).sqrt()
+        out[i] = (exact_sq_norm(tensors[i].detach()) if i in redo else sq_norm(tensors[i]).double()).sqrt()
     return out
 
 

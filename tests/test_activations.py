@@ -178,6 +178,41 @@ def test_the_tanh_inside_an_activation_function_is_no_site_and_costs_no_mode(mon
     scope.detach()
 
 
+class ScaledTanh(nn.Module):  # parameter-free, but a tanh: the layer's activation
+    def forward(self, x):
+        return 1.7 * torch.tanh(x)
+
+
+class LazyTanhLayer(nn.Module):  # a layer that creates its weight in its first forward, then applies tanh
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.weight = n, None
+
+    def forward(self, x):
+        if self.weight is None:
+            self.weight = nn.Parameter(torch.randn(self.n, x.shape[-1]) * 10)
+        return torch.tanh(F.linear(x, self.weight))
+
+
+def test_a_tanh_layer_is_a_site_even_parameter_free_or_given_its_weights_late():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), LazyTanhLayer(8), nn.Linear(8, 8), ScaledTanh(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[2].weight.mul_(30)
+    scope = gradscope.watch(model)
+    model(torch.randn(2, 4))  # the lazy layer's weight appears only now, after watch()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        loss = F.mse_loss(model(torch.randn(16, 4)), torch.randn(16, 2))
+        opt.zero_grad()
+        loss.backward()
+        scope.step()
+        opt.step()
+    assert {"1:tanh", "3:tanh"} <= set(scope.layer_names)
+    assert {a.layer for a in scope.alerts if a.kind == "saturation"} == {"1:tanh", "3:tanh"}
+    scope.detach()
+
+
 def test_a_branch_first_taken_after_the_probe_passes_is_watched_from_its_first_run():
     class Gate(nn.Module):
         def forward(self, x):

@@ -388,6 +388,13 @@ def test_max_abs_and_nonzero_counts_any_float_dtype():
     assert c.dtype == torch.float64 and c.tolist() == [2, 2, 2, 2, 1, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_norms_of_other_dtypes_are_taken_in_float64(dtype):
+    t = (torch.randn(300, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    got = gradscope.stats.norms([t, torch.randn(5)])
+    assert got.dtype == torch.float64 and got[0].item() == math.sqrt(float(gradscope.stats.sq_norm(t)))
+
+
 def test_float32_squared_norms_add_up_in_float64():
     big = gradscope.stats.sq_norm(torch.full((4,), 8e18))  # 2.56e38: the float32 pass is in range
     assert big.dtype == torch.float32 and math.isclose(float(big), 4 * 8e18 ** 2, rel_tol=1e-6)
