@@ -349,6 +349,58 @@ def memory_in_child(name: str, args) -> dict:
 
 
 PHASES = ("forward", "backward", "gradscope step()", "optimizer step")
+STEP_PARTS = {  # the parts of a collected scope.step() that --phases times apart
+    "parameter norms (measure_params; the floor computes the same)": "measure",
+    "the record: fold per layer, one transfer (build_record)": "record",
+    "dead units: fold the step's counts (DeadUnitBank.fold)": "dead",
+    "detectors (check)": "detectors",
+    "history (append)": "history",
+}
+
+
+class StepParts:
+    """Times the parts of ``scope.step()`` (:data:`STEP_PARTS`) by wrapping the functions it calls, for one scope;
+    :meth:`close` puts them back. The rest of step() is its own bookkeeping (buffers reset, gradient marks, the layer
+    table's checks)."""
+
+    def __init__(self, scope):
+        import gradscope.activations as activations
+        import gradscope.scope as scope_module
+
+        self.times: dict = {key: 0.0 for key in STEP_PARTS.values()}
+        self.undo = []
+        self._wrap(scope_module, "measure_params", "measure")
+        self._wrap(scope_module, "build_record", "record")
+        self._wrap(scope.history, "append", "history")
+        for d in scope.detectors:
+            self._wrap(d, "check", "detectors")
+        self._wrap(activations.DeadUnitBank, "fold", "dead")
+
+    def _wrap(self, owner, attr, key) -> None:
+        fn = getattr(owner, attr)
+        had = attr in vars(owner)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.times[key] += time.perf_counter() - start
+
+        setattr(owner, attr, timed)
+        self.undo.append((owner, attr, fn if had else None))
+
+    def take(self) -> dict:
+        """The parts' seconds since the last take."""
+        out, self.times = self.times, {key: 0.0 for key in STEP_PARTS.values()}
+        return out
+
+    def close(self) -> None:
+        for owner, attr, fn in reversed(self.undo):
+            if fn is None:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, fn)
 
 
 def phases(name: str, args, device) -> None:
@@ -364,6 +416,7 @@ def phases(name: str, args, device) -> None:
         runs.append((model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
                      gradscope.watch(model) if watched else None))
     times = [[[] for _ in PHASES] for _ in runs]
+    parts, part_times = StepParts(runs[1][2]), {key: [] for key in STEP_PARTS.values()}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i in range(args.warmup + args.steps * args.rounds):
         for k in (0, 1) if i % 2 else (1, 0):
@@ -383,14 +436,25 @@ def phases(name: str, args, device) -> None:
             opt.step()
             sync()
             stamps.append(time.perf_counter())
+            taken = parts.take() if scope is not None else {}
             if i >= args.warmup:
                 for j in range(len(PHASES)):
                     times[k][j].append(stamps[j + 1] - stamps[j])
+                for key, seconds in taken.items():
+                    part_times[key].append(seconds)
+    parts.close()
     runs[1][2].detach()
     print(f"\n{name}: median ms per phase\n| phase | plain | gradscope every=1 | difference |\n|---|---|---|---|")
     for j, phase in enumerate(PHASES):
         a, b = statistics.median(times[0][j]) * 1000, statistics.median(times[1][j]) * 1000
         print(f"| {phase} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+    step_ms = statistics.median(times[1][PHASES.index("gradscope step()")]) * 1000
+    print(f"\n{name}: inside gradscope step(), median ms per collected step\n| part | ms |\n|---|---|")
+    medians = {label: statistics.median(part_times[key]) * 1000 for label, key in STEP_PARTS.items()}
+    for label, ms in medians.items():
+        print(f"| {label} | {ms:.2f} |")
+    print(f"| the rest: buffers reset, gradient marks, the layer table's checks (step() minus the parts) | "
+          f"{step_ms - sum(medians.values()):.2f} |\n| step() in all | {step_ms:.2f} |")
 
 
 def _deep_size(obj) -> int:
@@ -474,7 +538,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, help="override every model's batch size (e.g. tiny for a smoke test)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--phases", action="store_true",
-                    help="also print where gradscope every=1 spends its time (forward, backward, step(), optimizer)")
+                    help="also print where gradscope every=1 spends its time (forward, backward, step(), optimizer), "
+                         "and the parts of step() (parameter norms, the record, dead units, detectors, history)")
     ap.add_argument("--floor", action="store_true",
                     help="also time two floor monitors: no-op hooks on every module, and those hooks computing the "
                          "core numbers (output sums, gradient norms) without records: what any per-module-hook "

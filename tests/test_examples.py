@@ -106,6 +106,9 @@ def test_overhead_benchmark_script_runs_tiny():
     assert set(rows) == {"resnet50", "gpt2"} and all(float(r[6]) < float(r[8]) for r in rows.values())  # packed < dicts
     tables, phase_tables = tables.split("mlp20: median ms per phase")
     assert "| gradscope step() | 0.00 |" in phase_tables and "lstm: median ms per phase" in phase_tables
+    parts = phase_tables.split("mlp20: inside gradscope step(), median ms per collected step")[1].split("\n\n")[0]
+    assert [line.split("|")[1].strip().split(" ")[0] for line in parts.splitlines()[3:]] == \
+        ["parameter", "the", "dead", "detectors", "history", "the", "step()"]  # the parts, the rest, the whole
     rows = [line for line in tables.splitlines() if line.startswith("| ") and "monitor" not in line]
     assert len(rows) >= 14 and len(rows) % 2 == 0  # 7 monitors per model, and the peers that are installed
     assert rows[0].startswith("| plain | ") and "| 1.000 | 1.000 |" in rows[0]
