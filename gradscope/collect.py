@@ -40,7 +40,7 @@ from . import _torch
 from .anatomy import inside_activation
 from .activations import (DeadUnitBank, DeadUnitState, FunctionalCalls, TimeProfile, fired_counts, module_kind,
                           saturation_counts, unit_dim)
-from .sharded import local
+from .sharded import _PLAIN, local
 from .stats import sq_norm
 
 
@@ -178,15 +178,8 @@ def _note_backward(collector_ref, param) -> None:
 
 
 def _grad_moved(g, mark) -> bool:
-    """Whether ``.grad`` ``g`` is new or changed since ``mark`` (see :func:`_grad_mark`) was taken."""
+    """Whether ``.grad`` ``g`` is new or changed since ``mark`` (see :meth:`Collector.mark_grads`) was taken."""
     return g is not None and (mark is None or mark[0]() is not g or mark[1] != local(g)._version)
-
-
-def _grad_mark(p: Tensor):
-    """What a parameter's ``.grad`` is now: a weak reference to the tensor and its version counter (or None; a
-    sharded gradient's: its local shard's, which FSDP2 accumulates into)."""
-    g = p.grad
-    return None if g is None else (weakref.ref(g), local(g)._version)
 
 
 def _inert_collector() -> "Collector":
@@ -398,8 +391,12 @@ class Collector:
         return any(_grad_moved(p.grad, mark) for p, mark in zip(self._params, self._grad_marks))
 
     def mark_grads(self) -> None:
-        """Remember every parameter's ``.grad`` as it is now: the next :attr:`backward_seen` compares with this."""
-        self._grad_marks = [_grad_mark(p) for p in self._params]
+        """Remember every parameter's ``.grad`` as it is now: the next :attr:`backward_seen` compares with this. A mark
+        is a weak reference to the tensor and its version counter (or None; a sharded gradient's: its local shard's,
+        which FSDP2 accumulates into). One comprehension: it runs on every step, collected or not."""
+        ref, plain = weakref.ref, _PLAIN
+        self._grad_marks = [None if (g := p.grad) is None else (ref(g), (g if type(g) in plain else local(g))._version)
+                            for p in self._params]
         self._backward_flag = False
 
     def __deepcopy__(self, memo):
