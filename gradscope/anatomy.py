@@ -79,9 +79,6 @@ _GATE_NAME = re.compile(r"(^|[._:])(gate|gates|se|attn|attention|excite|excitati
 _GATE_CLASS = re.compile(r"(SqueezeExcit|SEModule|SELayer|Gate|Attention|EffectiveSE)", re.I)
 
 
-_PLAIN_SATURATING = re.compile(r"(sigmoid|tanh)$", re.I)
-
-
 def inside_activation(owner: nn.Module) -> bool:
     """Whether a functional sigmoid/tanh called by ``owner`` is part of an activation function rather than a layer's
     activation: ``owner`` is a parameter-free leaf module that is not itself a sigmoid/tanh (GELU's tanh
@@ -89,12 +86,12 @@ def inside_activation(owner: nn.Module) -> bool:
     activation is in its linear or zero regime, which is no fault, so it is neither measured nor shown (and a model
     whose only functional calls are these runs without the functional-call mode after its first passes).
 
-    A module that is a sigmoid/tanh (a subclass of ``nn.Sigmoid``/``nn.Tanh``, or a class named ``...Sigmoid`` /
-    ``...Tanh``, e.g. ``ScaledTanh``) is the layer's activation: its call is a site, judged like ``nn.Tanh``. Other
-    parameter-free wrappers (``Lambda(torch.tanh)``) and buffer-only layers count as activation functions: gradscope
-    cannot tell them from a GELU, and a false saturation alert is worse than none."""
-    if isinstance(owner, (nn.Sigmoid, nn.Tanh)) or class_name(owner) in SATURATING \
-            or _PLAIN_SATURATING.search(class_name(owner)):
+    A module that is a sigmoid/tanh (a subclass of ``nn.Sigmoid``/``nn.Tanh``, or a class of that name, as timm's
+    ``Sigmoid``) is the layer's activation: its call is a site, judged like ``nn.Tanh``. Other parameter-free
+    wrappers (``Lambda(torch.tanh)``) and buffer-only layers count as activation functions: gradscope cannot tell
+    them from a GELU (Hugging Face's ``GELUTanh`` calls ``torch.tanh`` in its Python variant), and a false saturation
+    alert is worse than none."""
+    if isinstance(owner, (nn.Sigmoid, nn.Tanh)) or class_name(owner) in SATURATING:
         return False
     return next(owner.parameters(recurse=True), None) is None and next(owner.children(), None) is None
 

@@ -167,7 +167,7 @@ def test_after_the_probes_only_the_modules_that_make_functional_calls_are_watche
 
 
 def test_the_tanh_inside_an_activation_function_is_no_site_and_costs_no_mode(monkeypatch):
-    model = nn.Sequential(nn.Linear(4, 8), Gelu(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 8), Gelu(),
+    model = nn.Sequential(nn.Linear(4, 8), Gelu(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 8), GELUTanh(),
                           nn.Linear(8, 1))
     per_pass, latest, scope = _ops_per_pass(monkeypatch, model)
     assert per_pass[0].count("tanh") == 2 and "silu" in per_pass[0]  # the probes see them ...
@@ -178,9 +178,14 @@ def test_the_tanh_inside_an_activation_function_is_no_site_and_costs_no_mode(mon
     scope.detach()
 
 
-class ScaledTanh(nn.Module):  # parameter-free, but a tanh: the layer's activation
+class ScaledTanh(nn.Tanh):  # a tanh subclass: the layer's activation
     def forward(self, x):
         return 1.7 * torch.tanh(x)
+
+
+class GELUTanh(nn.Module):  # named like a tanh, but a GELU (Hugging Face's, with use_gelu_tanh_python=True)
+    def forward(self, x):
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
 class LazyTanhLayer(nn.Module):  # a layer that creates its weight in its first forward, then applies tanh
