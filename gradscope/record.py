@@ -165,7 +165,7 @@ class History:
             for table in (record.layers, record.params):
                 shape.append(None)  # between the parts: a parameter may share a layer's name
                 for name, stats in table.items():
-                    shape.append((name, tuple(stats), tuple(map(type, stats.values()))))
+                    shape.append(_entry_shape(name, stats))
                     values.extend(stats.values())
         except (TypeError, OverflowError):  # a value that is no number (array('f'), a string), an int beyond float
             return self._pack_each(record)
@@ -179,7 +179,7 @@ class History:
         for part, table in ((0, record.layers), (1, record.params)):
             shape.append(None)
             for name, stats in table.items():
-                shape.append((name, tuple(stats), tuple(map(type, stats.values()))))
+                shape.append(_entry_shape(name, stats))
                 for stat, v in stats.items():
                     if type(v) is float:
                         columns.append((part, name, stat, _FLOAT))
@@ -241,6 +241,11 @@ class History:
             for v in (p.other or {}).values():
                 total += sys.getsizeof(v)
         return total
+
+
+def _entry_shape(name: str, stats: dict) -> tuple:
+    """What decides a layer's (or parameter's) columns in a packed record: its name, statistic keys and value types."""
+    return name, tuple(stats), tuple(map(type, stats.values()))
 
 
 _FLOAT, _INT, _OTHER = 0, 1, 2
