@@ -45,12 +45,14 @@ def main(argv=None):
     data = load_cifar10(args.data_dir, train_subset=args.subset, test_subset=1000)
     model = build_model(args.model).to(args.device)
     if world > 1 and args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        mesh = init_device_mesh(torch.device(args.device).type, (world,))  # where the model is, CUDA or not
         for block in model.children():
             if any(p.requires_grad for p in block.parameters()):
-                fully_shard(block)  # each rank keeps one shard of the block's parameters and gradients
-        fully_shard(model)
+                fully_shard(block, mesh=mesh)  # each rank keeps one shard of the block's parameters and gradients
+        fully_shard(model, mesh=mesh)
         if rank == 0:
             print(f"FSDP2 over {world} processes, {args.batch_size} images per process and step")
     elif world > 1:

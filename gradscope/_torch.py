@@ -44,6 +44,14 @@ def in_backward() -> bool:
     return not is_compiling() and graph_task_id() != -1
 
 
+def end_of_backward_callback():
+    """``queue_callback(fn)`` of the autograd engine: ``fn`` runs once the backward pass in progress on this thread
+    has finished (DDP's reducer uses it the same way), or None where PyTorch lacks it. Speed only: without it output
+    gradients are measured one by one as they arrive (see :attr:`gradscope.collect.Collector.BATCHED_DEVICES`)."""
+    engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+    return getattr(engine, "queue_callback", None)
+
+
 # -- torch function modes: gradscope's own ops bypass them (speed only, so these may fall back) ----------------------
 no_function_mode = getattr(torch._C, "DisableTorchFunction", contextlib.nullcontext)
 function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: True)

@@ -267,6 +267,16 @@ def _status_mib(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def copy_of(model: nn.Module) -> nn.Module:
+    """An independent copy with the same weights; on CUDA an RNN's copied weights are put back into cuDNN's one block
+    (a deep copy scatters them, and cuDNN would then compact them at every call: slower, and a warning)."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, nn.RNNBase):
+            m.flatten_parameters()
+    return model
+
+
 def bench(name, args, device, monitors):
     """Each monitor trains its own copy of the model (same weights, same batches); one step of each in turn, in a new
     random order every cycle, so slow phases of a shared machine hit every monitor alike. Ratios are per cycle."""
@@ -277,7 +287,7 @@ def bench(name, args, device, monitors):
     batches = [make_batch(batch, device) for _ in range(4)]
     runs = []
     for m in monitors:
-        model = copy.deepcopy(base)
+        model = copy_of(base)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         runs.append((m, model, opt))
     for m, model, opt in runs:
@@ -412,7 +422,7 @@ def phases(name: str, args, device) -> None:
     x, y = make_batch(batch, device)
     runs = []
     for watched in (False, True):
-        model = copy.deepcopy(base)
+        model = copy_of(base)
         runs.append((model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
                      gradscope.watch(model) if watched else None))
     times = [[[] for _ in PHASES] for _ in runs]

@@ -63,3 +63,38 @@ def test_norms_of_a_model_split_over_cpu_and_cuda():
     got = gradscope.stats.norms(ts)
     want = [float(t.detach().cpu().double().norm()) for t in ts]
     assert got.tolist() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 32 << 20], ids=["each at once", "together at the end"])
+@pytest.mark.parametrize("side_stream", [False, True], ids=["default stream", "side stream"])
+def test_kept_output_gradients_give_the_autograd_signals(monkeypatch, batch_bytes, side_stream):
+    """CUDA keeps output gradients in the hooks and measures them together (Collector.BATCHED_DEVICES): the signals
+    equal dLoss/d(output) from plain autograd, on the default stream or a side stream, with no host sync."""
+    from gradscope.collect import Collector
+
+    monkeypatch.setattr(Collector, "BATCH_BYTES", batch_bytes)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 16),
+                          nn.Tanh(), nn.Linear(16, 10)).cuda()
+    x, y = torch.randn(32, 3, 8, 8, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
+    outs = []
+    handles = [m.register_forward_hook(lambda m, a, o: outs.append(o)) for m in model]
+    wanted = torch.autograd.grad(F.cross_entropy(model(x), y), outs)
+    for h in handles:
+        h.remove()
+    wanted = [float(g.double().norm()) for g in wanted]
+    scope = gradscope.watch(model)
+    stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            F.cross_entropy(model(x), y).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.current_stream().wait_stream(stream)
+    assert scope._collector._kept == []
+    scope.step()
+    got = [scope.latest()[str(i)]["backprop_signal"] for i in range(len(model))]
+    assert got == pytest.approx(wanted, rel=1e-5)
+    scope.detach()

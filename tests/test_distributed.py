@@ -94,18 +94,20 @@ def fsdp_batches(rank):
 
 
 def fsdp_phases(rank, world, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate
 
+    mesh = init_device_mesh("cpu", (world,))  # fully_shard's own default is a CUDA mesh wherever CUDA is present
     for name, kw in FSDP_KW.items():
         model = make_model(keep_unit=False)
         if name == "full":
             for m in model:
                 if isinstance(m, nn.Linear):
-                    fully_shard(m)
-            fully_shard(model)
+                    fully_shard(m, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         else:
-            fully_shard(model[2])
+            fully_shard(model[2], mesh=mesh)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         scope = gradscope.watch(model, dead_window=WINDOW, **kw)  # reduce_ranks: on by itself under FSDP2
         calls, real = [], dist.all_reduce
@@ -129,10 +131,6 @@ def fsdp_phases(rank, world, out_dir):
         scope.detach()
         (Path(out_dir) / f"fsdp-{name}-calls{rank}.json").write_text(json.dumps(calls))
     # a replicated DTensor parameter whose gradient is still Partial (a sum tensor parallelism has not reduced yet)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Partial, Replicate
-
-    mesh = init_device_mesh("cpu", (world,))
     layer = nn.Linear(3, 1)
     layer.weight = nn.Parameter(DTensor.from_local(layer.weight.detach(), mesh, [Replicate()]))
     scope = gradscope.watch(layer, reduce_ranks=False)

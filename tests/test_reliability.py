@@ -351,10 +351,18 @@ def test_private_torch_apis_read_what_the_public_ones_say():
     scaler.unscale_(opt)
     assert _torch.grads_already_unscaled(scaler)
     assert not _torch.in_backward()
-    seen = []
-    model[0].weight.register_hook(lambda g: seen.append(_torch.in_backward()))
+    seen, order = [], []
+    queue = _torch.end_of_backward_callback()  # present in every supported PyTorch (CI would say otherwise)
+
+    def on_weight_grad(g):
+        seen.append(_torch.in_backward())
+        queue(lambda: order.append("ended"))
+
+    model[0].weight.register_hook(on_weight_grad)
+    model[0].bias.register_hook(lambda g: order.append("bias"))
     model(torch.randn(2, 6)).sum().backward()
     assert seen == [True]
+    assert order == ["bias", "ended"]  # the callback runs once, after every gradient of the backward pass
     assert _torch.scale_tensor(torch.amp.GradScaler("cpu", enabled=False)) is None
 
 

@@ -134,6 +134,65 @@ def test_gradient_accumulation_sums_signal_and_reads_accumulated_grads():
     scope.detach()
 
 
+class Boom(RuntimeError):
+    pass
+
+
+def signal_run(batched: tuple, batch_bytes: int, fail: bool):
+    """Two accumulated backward passes of small_cnn (and, with ``fail``, one before them that a hook aborts halfway),
+    collected with output gradients measured one by one (``batched=()``) or kept and measured together."""
+    from gradscope.collect import Collector
+
+    torch.manual_seed(0)
+    model = small_cnn()
+    xs, ys = torch.randn(2, 4, 3, 8, 8), torch.randint(0, 10, (2, 4))
+    old = Collector.BATCHED_DEVICES, Collector.BATCH_BYTES
+    Collector.BATCHED_DEVICES, Collector.BATCH_BYTES = batched, batch_bytes
+    try:
+        scope = gradscope.watch(model)
+        kept_after = []
+        if fail:
+            out = model[:4](xs[0])  # the third module's output: backward raises there, after the later ones' hooks
+            out.register_hook(lambda g: (_ for _ in ()).throw(Boom()))
+            with pytest.raises(Boom):
+                F.cross_entropy(model[4:](out), ys[0]).backward()
+        for x, y in zip(xs, ys):
+            F.cross_entropy(model(x), y).backward()
+            kept_after.append(len(scope._collector._kept))
+        scope.step()
+        return model, xs, ys, scope.latest(), kept_after
+    finally:
+        Collector.BATCHED_DEVICES, Collector.BATCH_BYTES = old
+
+
+@pytest.mark.parametrize("batch_bytes", [32 << 20, 1], ids=["at the end of backward", "over budget: at once"])
+def test_output_gradients_kept_and_measured_together_equal_autograd(batch_bytes):
+    """CUDA's path (the hooks keep output gradients, one fused norm when backward ends), run here on CPU tensors:
+    the same backprop signals as plain autograd, summed over two accumulated passes, nothing kept after each."""
+    model, xs, ys, latest, kept_after = signal_run(("cpu",), batch_bytes, fail=False)
+    ref = copy.deepcopy(model)
+    sig_sq = {}
+    for x, y in zip(xs, ys):
+        for k, v in reference(ref, x, y)[0].items():
+            sig_sq[k] = sig_sq.get(k, 0.0) + v * v
+    assert set(sig_sq) <= set(latest) and len(sig_sq) >= 8
+    for k, v in sig_sq.items():
+        assert rel_close(latest[k]["backprop_signal"], math.sqrt(v)), k
+    assert kept_after == [0, 0]
+
+
+def test_kept_gradients_of_an_aborted_backward_count_as_measured_ones_do():
+    """A backward pass a hook aborts never reaches its end: what it kept is measured when the step closes, as the
+    one-by-one path measured it in its hooks, and adds to the step's (the passes that did end) signals alike."""
+    _, _, _, one_by_one, _ = signal_run((), 32 << 20, fail=True)
+    _, _, _, kept, _ = signal_run(("cpu",), 32 << 20, fail=True)
+    assert one_by_one.keys() == kept.keys()
+    for layer, st in one_by_one.items():
+        for key, v in st.items():
+            if isinstance(v, float):
+                assert kept[layer][key] == pytest.approx(v, rel=1e-12), (layer, key)
+
+
 class Shared(nn.Module):
     """One Linear used twice per forward, one frozen layer, one branch unused on odd steps."""
 
