@@ -72,32 +72,70 @@ def _ones_row(n: int, device: torch.device, cache: dict | None) -> Tensor:
     return ones
 
 
-def fired_counts(out: Tensor, dim: int, check: bool = True, ones: dict | None = None) \
-        -> tuple[Tensor, Tensor | None, int]:
-    """Forward-side work of a ReLU-family site: ``(counts, check, n)``.
+KEEP_PER_SAMPLE = 1 << 16
+"""A ReLU site's per-sample totals (samples x units) up to this many entries are kept as they are, and counted with
+the other sites' of the same forward pass in one matmul (:func:`count_fired`); larger ones are counted in the hook."""
 
-    counts: float32 ``(units,)``, on how many of the ``n`` samples each unit fired (any output > 0: any position of a
-    conv channel, any step of a sequence). check (when asked for, else None): the float32 sum of the outputs,
-    non-finite iff they hold NaN/Inf, the site's forward NaN check. ReLU outputs are >= 0, so a unit fired on a sample
-    iff its summed outputs on that sample are > 0, and the count is ``ones @ sign(per-sample sums)``: two or three
-    ops, several times faster on CPU than ``count_nonzero``, ``amax`` or a column ``sum`` on such shapes. ``ones``:
-    a dict the caller owns (the collector's) that keeps the rows of ones between calls.
+
+def fired_counts(out: Tensor, dim: int, check: bool = True, ones: dict | None = None, keep: bool = False) \
+        -> tuple[Tensor, Tensor | None, int]:
+    """Forward-side work of a ReLU-family site: ``(fired, check, n)``.
+
+    fired: float32 ``(units,)``, on how many of the ``n`` samples each unit fired (any output > 0: any position of a
+    conv channel, any step of a sequence); or, with ``keep`` and up to :data:`KEEP_PER_SAMPLE` entries, a new float32
+    ``(n, units)`` tensor that is > 0 exactly where a unit fired on a sample, for :func:`count_fired` to count later
+    (one op per site here instead of three: on CUDA each op is a kernel launch, ~20 us of host time on an H200 host;
+    on CPU the ops are cheap and the extra copies are not, so the collector keeps on CUDA only). check (when
+    asked for, else None): the float32 sum of the outputs, non-finite iff they hold NaN/Inf, the site's forward NaN
+    check. ReLU outputs are >= 0, so a unit fired on a sample iff its summed outputs on that sample are > 0, and the
+    count is ``ones @ sign(per-sample sums)``: several times faster on CPU than ``count_nonzero``, ``amax`` or a
+    column ``sum`` on such shapes. ``ones``: a dict the caller owns (the collector's) that keeps the rows of ones.
     """
     x = out.detach()
     if x.ndim <= 1:
         x, dim = x.reshape(1, -1), 1
     if dim != 1:
         x = x.movedim(dim, 1)
-    if x.ndim > 2:
+    made_here = x.ndim > 2
+    if made_here:
         x = x.sum(dim=tuple(range(2, x.ndim)), dtype=torch.float32)  # (N, U) per-sample totals
     n = x.shape[0]
     total = x.sum(dtype=torch.float32) if check else None
-    fired = x.sign()
+    if keep and x.numel() <= KEEP_PER_SAMPLE:
+        # kept, so it must be a tensor of our own that nothing changes later (the output itself may be changed in
+        # place); float32: counts above 256 are not exact in bfloat16
+        if not made_here:
+            x = x.sign() if x.dtype == torch.float32 else x.float()
+        return x, total, n
+    return _counts(x, ones), total, n
+
+
+def _counts(per_sample: Tensor, ones: dict | None) -> Tensor:
+    """``(units,)`` float32: on how many samples (rows) each unit (column) is > 0 (a NaN is not: its sign is 0)."""
+    fired = per_sample.sign()
     if fired.dtype != torch.float32:
         fired = fired.float()  # counts above 256 are not exact in bfloat16
     if _autocast_on(fired.device.type):
-        return fired.sum(0), total, n  # autocast would run the matmul in 16 bits
-    return (_ones_row(n, fired.device, ones) @ fired).reshape(-1), total, n
+        return fired.sum(0)  # autocast would run the matmul in 16 bits
+    return (_ones_row(fired.shape[0], fired.device, ones) @ fired).reshape(-1)
+
+
+def count_fired(parts: list, ones: dict | None = None) -> list:
+    """``[(site, fired, n)]`` from :func:`fired_counts` with every kept ``(n, units)`` entry replaced by its counts:
+    the entries of the same ``n`` (one batch) side by side in one matrix, counted with one ``sign`` and one matmul."""
+    groups: dict = {}
+    for i, (_, fired, _) in enumerate(parts):
+        if fired.ndim == 2:
+            groups.setdefault((fired.shape[0], fired.device), []).append(i)
+    if not groups:
+        return parts
+    parts = list(parts)
+    for idx in groups.values():
+        block = [parts[i][1] for i in idx]
+        counts = _counts(torch.cat(block, dim=1) if len(block) > 1 else block[0], ones)
+        for i, c in zip(idx, counts.split([b.shape[1] for b in block])):
+            parts[i] = (parts[i][0], c, parts[i][2])
+    return parts
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -131,7 +169,8 @@ class DeadUnitState:
 class DeadUnitBank:
     """The dead-unit state of all ReLU sites in two flat float32 vectors, updated with a few ops per step.
 
-    The forward pass only computes :func:`fired_counts` per site. :meth:`update` takes one batch per site, in a fixed
+    The forward pass only computes :func:`fired_counts` per site (:func:`count_fired` finishes them). :meth:`update`
+    takes one batch per site, in a fixed
     order (the *layout*); while the layout stays the same from step to step (the usual case) the update and
     :meth:`stats` cost the same handful of ops whatever the number of sites. A new layout (a site seen for the first
     time, a width change, a branch not taken) copies the states into new flat vectors once.

@@ -41,8 +41,8 @@ from torch import Tensor, nn
 
 from . import _torch
 from .anatomy import inside_activation
-from .activations import (DeadUnitBank, DeadUnitState, FunctionalCalls, TimeProfile, fired_counts, module_kind,
-                          saturation_counts, unit_dim)
+from .activations import (DeadUnitBank, DeadUnitState, FunctionalCalls, TimeProfile, count_fired, fired_counts,
+                          module_kind, saturation_counts, unit_dim)
 from .sharded import _PLAIN, local
 from .stats import norms, sq_norm
 
@@ -118,7 +118,7 @@ class _Pass:
 
     def __init__(self):
         self.output_parts: list = []
-        self.dead_parts: list = []
+        self.dead_parts: list = []  # (site, fired, n): fired_counts(), counted by count_fired() when the pass ends
         self.saturation_parts: list = []
         self.hooked: set[str] = set()  # call sites whose outputs got a tensor hook in this pass
         self.handles: list = []  # those tensor hooks (and the recurrent layers' input hooks)
@@ -211,12 +211,13 @@ class Collector:
     backward pass reached after that), so an evaluation loop run with grad enabled holds bounded memory."""
 
     BATCHED_DEVICES: tuple = ("cuda",)
-    """Device types whose output gradients are kept by their hooks and measured together (one fused
-    ``_foreach_norm`` per backward pass, float64 as :func:`~gradscope.stats.sq_norm`), not one by one. On an H200 host
-    the one-by-one norm costs ~40 us of host time per output (3 kernel launches), ~3 ms of a resnet18 step; a kept
-    gradient costs a list append. Keeping one prevents no in-place reuse that would change it: autograd reuses a
-    gradient buffer in place only when nothing else holds it. CPU measures at once (a BLAS dot is cheaper than the
-    bookkeeping)."""
+    """Device types where hooks leave their reductions to be done together, where each op is a kernel launch (~20 us
+    of host time on an H200 host). Output gradients are kept by their hooks and measured together when the backward
+    pass ends (one fused ``_foreach_norm``, float64 as :func:`~gradscope.stats.sq_norm`) instead of three launches
+    each, ~3 ms of a resnet18 step; keeping one prevents no in-place reuse that would change it (autograd reuses a
+    gradient buffer in place only when nothing else holds it). ReLU sites keep their per-sample totals, counted for
+    the whole forward pass with one matmul (:func:`~gradscope.activations.count_fired`). On CPU ops are cheap and the
+    extra copies are not: it measures at once."""
 
     BATCH_BYTES = 32 << 20
     """At most this many bytes of output gradients are kept at once (the peak memory it may add); more, and the ones
@@ -502,6 +503,8 @@ class Collector:
         """Start recording a new forward pass on this thread; drop the oldest pass still waiting for a backward pass
         beyond :attr:`MAX_PENDING_PASSES`."""
         waiting, passes = self._waiting, self._passes
+        if passes and passes[-1].dead_parts:  # the pass just finished: count what its ReLU sites kept, free it
+            passes[-1].dead_parts = count_fired(passes[-1].dead_parts, self._ones)
         if passes and not passes[-1].reached:  # the pass just finished
             if passes[-1].hooks:
                 waiting.append(passes[-1])
@@ -708,7 +711,8 @@ class Collector:
         """Record a ReLU/sigmoid/tanh output in the pass ``cur``; return the sum of the outputs (the site's forward
         NaN/Inf check), or None for a ReLU whose input was just checked."""
         if kind == "relu":
-            counts, total, n = fired_counts(out, self.unit_dims.get(site, unit_dim(out.ndim)), check, self._ones)
+            counts, total, n = fired_counts(out, self.unit_dims.get(site, unit_dim(out.ndim)), check, self._ones,
+                                            out.device.type in self.BATCHED_DEVICES)
             cur.dead_parts.append((site, counts, n))
             return total
         if out.ndim >= 4 and all(d == 1 for d in out.shape[2:]):
@@ -801,7 +805,7 @@ class Collector:
         self.evicted_reached += sum(p.reached for p in self._evicted)
         return StepBuffers(signal_parts=list(self.signal_parts),
                            output_parts=[x for p in reached for x in p.output_parts],
-                           dead_parts=[x for p in reached for x in p.dead_parts],
+                           dead_parts=count_fired([x for p in reached for x in p.dead_parts], self._ones),
                            saturation_parts=[x for p in reached for x in p.saturation_parts],
                            hooked=set().union(*(p.hooked for p in reached)),
                            through_time={site: t.profile for site, t in self.through_time.items()})

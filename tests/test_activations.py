@@ -62,6 +62,82 @@ def test_dead_units_exact(body, site):
     scope.detach()
 
 
+def test_fired_counts_kept_and_counted_together_equal_direct_counts():
+    """fired_counts() keeps small sites' per-sample totals and count_fired() counts all of a batch at once: the counts
+    equal (output > 0 anywhere on a sample) summed over samples, computed here directly, for 2-d float32 and bfloat16,
+    4-d and 3-d outputs, a site too large to keep (counted at once), two batch sizes, a NaN channel (not fired); a
+    kept 2-d output changed in place afterwards still counts as it was."""
+    from gradscope.activations import KEEP_PER_SAMPLE, count_fired, fired_counts
+
+    torch.manual_seed(0)
+    outs = [torch.randn(6, 10).relu(), torch.randn(6, 7).relu().bfloat16(), torch.randn(6, 4, 3, 3).relu(),
+            torch.randn(6, 5, 9).relu(), torch.randn(6, KEEP_PER_SAMPLE // 6 + 1).relu(), torch.randn(3, 8).relu()]
+    outs[0][:, 3] = 0  # a unit that never fires
+    outs[2][1, 2] = float("nan")
+    dims = [1, 1, 1, 2, 1, 1]
+    want = []
+    for out, dim in zip(outs, dims):
+        per_sample = out.float().movedim(dim, 1).flatten(2) if out.ndim > 2 else out.float()[:, :, None]
+        want.append((per_sample > 0).any(2).sum(0).float())
+    parts = []
+    for k, (out, dim) in enumerate(zip(outs, dims)):
+        fired, check, n = fired_counts(out, dim, check=True, keep=True)
+        assert n == out.shape[0] and rel_close(float(check), float(out.float().sum())) or k == 2
+        assert fired.ndim == (1 if k == 4 else 2)  # the large site counted in the hook, the others kept
+        parts.append((f"site{k}", fired, n))
+    assert fired_counts(outs[0], 1, keep=False)[0].ndim == 1  # not kept unless asked (the collector: on CUDA)
+    outs[0].mul_(-1)  # changed in place after the hook: what was kept is a copy of the signs
+    counted = count_fired(parts)
+    assert [site for site, _, _ in counted] == [f"site{k}" for k in range(len(outs))]
+    for (_, got, n), w in zip(counted, want):
+        assert got.dtype == torch.float32 and got.ndim == 1
+        assert torch.equal(got, w)
+
+
+def collect_resnet18(batched: tuple) -> tuple:
+    from gradscope.collect import Collector
+
+    old = Collector.BATCHED_DEVICES
+    Collector.BATCHED_DEVICES = batched
+    try:
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(num_classes=10)
+        with torch.no_grad():  # dead channels: the stem's ReLU, and one after a residual sum (an in-place ReLU)
+            model.bn1.bias[:5] = -100.0
+            model.layer4[1].bn2.bias[:7] = -1e4
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        scope = gradscope.watch(model, dead_window=16)
+        records = []
+        for step in range(3):
+            model(torch.randn(4, 3, 32, 32))  # an evaluation pass with grad on: reached by no backward pass
+            for _ in range(2):  # two accumulated micro-batches
+                F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.randint(0, 10, (4,))).backward()
+            scope.step()
+            opt.step()
+            opt.zero_grad()
+            records.append(scope.latest())
+        return records, {k: v.tolist() for k, v in scope.dead_units().items()}
+    finally:
+        Collector.BATCHED_DEVICES = old
+
+
+def test_collection_batched_as_on_cuda_equals_the_op_by_op_one():
+    """What the hooks do on CUDA (Collector.BATCHED_DEVICES: output gradients and ReLU totals kept, reduced together),
+    run on CPU tensors: resnet18's statistics over 3 steps of two accumulated passes and an evaluation pass equal the
+    op-by-op path's (dead-unit counts exactly, norms to float64 rounding)."""
+    one_by_one, dead = collect_resnet18(())
+    batched, dead_batched = collect_resnet18(("cpu",))
+    assert dead_batched == dead and sum(len(v) for v in dead.values()) > 0
+    for a, b in zip(one_by_one, batched):
+        assert a.keys() == b.keys() and len(a) > 40
+        for layer, st in a.items():
+            for key, v in st.items():
+                if key in ("dead_units", "units", "dead_fraction"):
+                    assert b[layer][key] == v, (layer, key)
+                elif isinstance(v, float):
+                    assert b[layer][key] == pytest.approx(v, rel=1e-9, abs=1e-300), (layer, key)
+
+
 def test_dead_units_alert_fires_once_the_window_fills():
     model = killed(nn.Sequential(nn.Linear(8, N_UNITS), nn.ReLU()))
     with torch.no_grad():
