@@ -32,6 +32,15 @@ FUNCTION_KINDS = {
     torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid", Tensor.sigmoid: "sigmoid", Tensor.sigmoid_: "sigmoid",
     torch.tanh: "tanh", torch.tanh_: "tanh", Tensor.tanh: "tanh", Tensor.tanh_: "tanh",
 }
+# Parameter-free modules whose output is finite whenever their input is (in float32/bfloat16/float64; float16's small
+# range lets dropout's 1/(1-p) and the like overflow): where the input is the output just checked for NaN/Inf, that
+# check covers theirs too (see Collector._record_output). Exact types, as MODULE_KINDS: a subclass may compute more.
+FINITE_FROM_FINITE = frozenset({
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.Identity, nn.Flatten, nn.Unflatten,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softsign, nn.Softmax,
+})
 # Output bounds of the saturating activations: (low, high).
 BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
 
@@ -42,6 +51,14 @@ def module_kind(module: nn.Module) -> str | None:
         if type(module) is cls:
             return kind
     return None
+
+
+def finite_from_finite(module: nn.Module) -> bool:
+    """Whether ``module`` makes no NaN/Inf from a finite input (:data:`FINITE_FROM_FINITE`; a LeakyReLU whose slope
+    is at most 1 too)."""
+    if type(module) is nn.LeakyReLU:
+        return abs(module.negative_slope) <= 1
+    return type(module) in FINITE_FROM_FINITE
 
 
 def unit_dim(ndim: int) -> int:

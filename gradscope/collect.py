@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from . import _torch
 from .anatomy import inside_activation
 from .activations import (DeadUnitBank, DeadUnitState, FunctionalCalls, TimeProfile, count_fired, fired_counts,
-                          module_kind, saturation_counts, unit_dim)
+                          finite_from_finite, module_kind, saturation_counts, unit_dim)
 from .sharded import _PLAIN, local
 from .stats import norms, sq_norm
 
@@ -155,6 +155,9 @@ class _ForwardState(threading.local):
         self.checked = None  # the last output whose NaN/Inf check was recorded (see Collector._needs_check)
         self.checked_version = 0  # its version counter then: an inplace change since shows in it
         self.check = None  # and its check (the float32 sum of its entries)
+        self.hooked = None  # the last output that got a gradient hook, its version counter then, and the call sites
+        self.hooked_version = 0  # that hook reports for (a container returning it unchanged shares the hook)
+        self.hooked_sites: list = []
         self.cur: _Pass | None = None  # the forward pass whose parts the hooks record
         self.frame = None  # the frame of the root module's call in progress (see Collector._stale)
         self.sub_frame = None  # the outermost submodule call in progress when the root is not running
@@ -228,7 +231,7 @@ class Collector:
         self.active = False
         self.attached = True
         self.signal_parts: list[tuple[str, Tensor]] = []  # (site, squared norm of dLoss/d(output)), this step
-        self._kept: list[tuple[str, Tensor]] = []  # (site, dLoss/d(output)) kept to be measured together (CUDA)
+        self._kept: list[tuple[list, Tensor]] = []  # (sites, dLoss/d(output)) kept to be measured together (CUDA)
         self._kept_bytes = 0
         self._kept_stream = None  # the CUDA stream the kept gradients were made on
         self._kept_task = None  # the backward pass whose end is set to measure them
@@ -285,13 +288,16 @@ class Collector:
     def _read_tree(self, model: nn.Module) -> None:
         """What each module is (activation kind, inplace, profiled) and where it hangs (see :meth:`tree_changed`)."""
         self.module_kinds, self.inplace_modules, self.profile_modules = {}, set(), set()
+        self.finite_modules: set[str] = set()  # finite_from_finite(): their input's NaN/Inf check covers them
         self.activation_functions: dict[str, bool] = {}  # module -> inside_activation(), at its first functional call
         for name, module in model.named_modules():
             kind = module_kind(module)
             if kind is not None:
                 self.module_kinds[name] = kind
-                if getattr(module, "inplace", False) is True:
-                    self.inplace_modules.add(name)
+            elif finite_from_finite(module):
+                self.finite_modules.add(name)
+            if getattr(module, "inplace", False) is True and (kind is not None or name in self.finite_modules):
+                self.inplace_modules.add(name)
             owns = any(p.requires_grad for p in module.parameters(recurse=False))
             if owns or next(iter(module.children()), None) is None:
                 self.profile_modules.add(name)
@@ -560,7 +566,7 @@ class Collector:
         st.scoped, st.scope_at = False, 0
         st.stack = []
         st.depth = 0
-        st.checked = None
+        st.checked = st.check = st.hooked = None
         st.frame = None
 
     def _enter_module(self, name: str, module, args):
@@ -591,7 +597,7 @@ class Collector:
             return  # inside the outermost call
         st.sub_frame = caller
         st.calls.clear()
-        st.checked = None
+        st.checked = st.hooked = None
         if torch.is_grad_enabled():
             self._open_pass(st)
 
@@ -654,30 +660,43 @@ class Collector:
         st = self._fwd
         cur = st.cur or self._open_pass(st)
         check = None
-        if kind in ("relu", "sigmoid", "tanh") and isinstance(output, Tensor):
+        activation = kind in ("relu", "sigmoid", "tanh")
+        if activation and isinstance(output, Tensor):
             check = self._observe(cur, site, kind, output, self._needs_check(args, name in self.inplace_modules))
+            if check is None:  # a ReLU of the output just checked: that check covers this one (see _needs_check)
+                self._set_checked(output, st.check)
         tensors = _tensors(output)
         if not tensors:
             return
         if site not in self.order:
             self.order[site] = name
-        if check is None and kind not in ("relu", "sigmoid", "tanh"):
-            if output is st.checked and output._version == st.checked_version:
-                # a block or a Sequential returning what its last module returned, unchanged: the same check
+        one = tensors[0] if len(tensors) == 1 else None
+        if check is None and not activation:
+            if one is not None and one is st.checked and one._version == st.checked_version:
+                # a block, a Sequential or an (output, None) tuple returning what its last module returned, unchanged
                 check = st.check
+            elif one is not None and name in self.finite_modules and one.dtype is not torch.float16 \
+                    and not self._needs_check(args, name in self.inplace_modules):
+                check = st.check  # dropout, flatten, max-pool, GELU of the output just checked: finite iff it was
             else:
                 floats = [t.detach().sum(dtype=torch.float32) for t in tensors if t.is_floating_point()]
                 check = floats[0] if len(floats) == 1 else torch.stack(floats).sum() if floats else None
         if check is not None:
             cur.output_parts.append((site, check))
-            self._set_checked(output, check)
+            self._set_checked(one if one is not None else output, check)
         cur.hooked.add(site)
         cur.hooks = True
         self._step_modules.add(name)
-        hook = partial(self._on_grad, site, cur)
+        if one is not None and one is st.hooked and one._version == st.hooked_version:
+            st.hooked_sites.append(site)  # the tensor a submodule returned, unchanged: its hook reports for both
+            return
+        sites = [site]
+        hook = partial(self._on_grad, sites, cur)
         for t in tensors:
             target = t if t._base is None else _hook_target(t, args)
             cur.handles.append(target.register_hook(hook))
+        if one is not None:
+            st.hooked, st.hooked_version, st.hooked_sites = one, one._version, sites
 
     def _on_function(self, kind: str, out: Tensor, inp) -> None:
         # outputs that need no grad (masks, metrics) take no part in learning; a stale state: a mode left entered by
@@ -750,23 +769,26 @@ class Collector:
             tracker = self.through_time[site] = TimeProfile()
         tracker.observe_grad(grad, batch_dim)
 
-    def _on_grad(self, site: str, cur: _Pass, grad: Tensor):
+    def _on_grad(self, sites: list, cur: _Pass, grad: Tensor):
         if not self.attached or grad is None:
             return
         cur.reached = True
         if grad.device.type in self.BATCHED_DEVICES and self._end_of_backward is not None and not _is_compiling():
-            self._keep(site, grad)
+            self._keep(sites, grad)
+        elif len(sites) == 1:
+            self.signal_parts.append((sites[0], sq_norm(grad)))
         else:
-            self.signal_parts.append((site, sq_norm(grad)))
+            sq = sq_norm(grad)
+            self.signal_parts.extend((site, sq) for site in sites)
 
-    def _keep(self, site: str, grad: Tensor) -> None:
+    def _keep(self, sites: list, grad: Tensor) -> None:
         """Keep ``grad`` to be measured with the others of this backward pass (see :attr:`BATCHED_DEVICES`)."""
         stream = torch.cuda.current_stream(grad.device) if grad.is_cuda else None
         task = _graph_task_id()
         with self._kept_lock:
             if self._kept and stream != self._kept_stream:
                 self._measure_kept()  # another device or stream: those made so far are measured on theirs
-            self._kept.append((site, grad))
+            self._kept.append((sites, grad))
             self._kept_stream = stream
             self._kept_bytes += grad.numel() * grad.element_size()
             if self._kept_bytes > self.BATCH_BYTES:
@@ -792,7 +814,7 @@ class Collector:
             current = torch.cuda.current_stream(stream.device)
             if current != stream:
                 current.wait_stream(stream)  # the step reads them on the stream it runs on
-        self.signal_parts.extend(zip([site for site, _ in kept], squares.unbind()))
+        self.signal_parts.extend((site, sq) for (sites, _), sq in zip(kept, squares.unbind()) for site in sites)
 
     # -- lifetime ----------------------------------------------------------------------------------------------------
     def gather(self) -> StepBuffers:

@@ -161,6 +161,60 @@ def test_a_block_returning_its_last_output_shares_its_check_unless_changed_in_pl
     scope.detach()
 
 
+class DropoutBlock(nn.Module):
+    """Linear -> Dropout, returned in an ``(output, None)`` tuple; optionally a NaN written into the dropout's output
+    in place (by an op no hook sees)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.drop, self.write_nan = nn.Linear(4, 4), nn.Dropout(0.5), False
+
+    def forward(self, x):
+        h = self.drop(self.lin(x))
+        if self.write_nan:
+            h[0, 0] = float("nan")
+        return h, None
+
+
+class TakeFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.head = DropoutBlock(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.block(x)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_and_a_tuple_of_a_checked_output_reuse_its_check_and_the_true_source_is_named(dtype):
+    """A dropout of the output just checked and a tuple returning it unchanged add no NaN/Inf check of their own (the
+    same check tensor; float16, whose range dropout's 1/(1-p) can leave, checks again), yet every site reports what
+    it output: a NaN from the input names the first layer, one written after the dropout names the block."""
+    torch.manual_seed(0)
+    model = TakeFirst().to(dtype)
+    scope = gradscope.watch(model)
+
+    def step(x):
+        model.zero_grad()
+        model(x.to(dtype)).float().sum().backward()
+        parts = dict(scope._collector._passes[-1].output_parts)
+        return [a.layer for a in scope.step() if a.kind == "nonfinite"], scope.latest(), parts
+
+    flagged, latest, parts = step(torch.randn(3, 4))
+    assert flagged == [] and all(latest[k]["output_nonfinite"] == 0.0 for k in ("block.lin", "block.drop", "block"))
+    assert (parts["block.drop"] is parts["block.lin"]) == (dtype is torch.float32)
+    assert parts["block"] is parts["block.drop"]
+    x = torch.randn(3, 4)
+    x[1, 2] = float("nan")
+    flagged, latest, _ = step(x)
+    assert flagged == ["block.lin"] and latest["block.drop"]["output_nan"] == latest["block"]["output_nan"] == 1.0
+    model.block.write_nan = True
+    flagged, latest, parts = step(torch.randn(3, 4))
+    assert flagged == ["block"] and latest["block.drop"]["output_nonfinite"] == 0.0
+    assert parts["block"] is not parts["block.drop"]
+    scope.detach()
+
+
 def test_nan_from_the_loss_names_the_layer_closest_to_the_loss():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     scope = gradscope.watch(model)

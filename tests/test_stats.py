@@ -193,6 +193,41 @@ def test_kept_gradients_of_an_aborted_backward_count_as_measured_ones_do():
                 assert kept[layer][key] == pytest.approx(v, rel=1e-12), (layer, key)
 
 
+class Wraps(nn.Module):
+    """Returns its Linear's output as it is, or scaled in place first (``mul_``: the same tensor, a new value)."""
+
+    def __init__(self, scale_in_place):
+        super().__init__()
+        self.lin, self.scale_in_place = nn.Linear(5, 5), scale_in_place
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h.mul_(3.0) if self.scale_in_place else h
+
+
+@pytest.mark.parametrize("scale_in_place", [False, True])
+def test_a_container_returning_its_child_output_shares_the_hook_only_while_unchanged(scale_in_place):
+    """An output a container returns unchanged gets one gradient hook that reports for both sites; changed in place
+    after its module returned it, it is a different value with its own gradient and hook. Both against autograd."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Wraps(scale_in_place), nn.Tanh(), nn.Linear(5, 2))
+    x, y = torch.randn(6, 5), torch.randint(0, 2, (6,))
+    h = model[0].lin(x)
+    h2 = h * 3.0 if scale_in_place else h
+    gh, gh2 = torch.autograd.grad(F.cross_entropy(model[2](model[1](h2)), y), [h, h2])
+    scope = gradscope.watch(model)
+    F.cross_entropy(model(x), y).backward()
+    hooks = len(scope._collector._passes[-1].handles)
+    scope.step()
+    latest = scope.latest()
+    assert rel_close(latest["0.lin"]["backprop_signal"], float(gh.norm()))
+    assert rel_close(latest["0"]["backprop_signal"], float(gh2.norm()))
+    assert hooks == (4 if scale_in_place else 3)  # 0.lin, 0, 1, 2 (the root adds none); 0 shares 0.lin's if unchanged
+    if scale_in_place:
+        assert latest["0.lin"]["backprop_signal"] == pytest.approx(3 * latest["0"]["backprop_signal"])
+    scope.detach()
+
+
 class Shared(nn.Module):
     """One Linear used twice per forward, one frozen layer, one branch unused on odd steps."""
 
