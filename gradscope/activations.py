@@ -41,6 +41,11 @@ FINITE_FROM_FINITE = frozenset({
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
     nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softsign, nn.Softmax,
 })
+# The same by qualified class name, for libraries gradscope does not import: Hugging Face's GELU/SiLU/Mish variants
+# (not its ReLUSquaredActivation: a square of a finite float can overflow).
+FINITE_FROM_FINITE_NAMES = frozenset(f"transformers.activations.{name}" for name in (
+    "GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "GELUActivation", "SiLUActivation", "FastGELUActivation",
+    "QuickGELUActivation", "ClippedGELUActivation", "AccurateGELUActivation", "MishActivation", "LinearActivation"))
 # Output bounds of the saturating activations: (low, high).
 BOUNDS = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
 
@@ -54,11 +59,12 @@ def module_kind(module: nn.Module) -> str | None:
 
 
 def finite_from_finite(module: nn.Module) -> bool:
-    """Whether ``module`` makes no NaN/Inf from a finite input (:data:`FINITE_FROM_FINITE`; a LeakyReLU whose slope
-    is at most 1 too)."""
-    if type(module) is nn.LeakyReLU:
+    """Whether ``module`` makes no NaN/Inf from a finite input (:data:`FINITE_FROM_FINITE`,
+    :data:`FINITE_FROM_FINITE_NAMES`; a LeakyReLU whose slope is at most 1 too)."""
+    cls = type(module)
+    if cls is nn.LeakyReLU:
         return abs(module.negative_slope) <= 1
-    return type(module) in FINITE_FROM_FINITE
+    return cls in FINITE_FROM_FINITE or f"{cls.__module__}.{cls.__qualname__}" in FINITE_FROM_FINITE_NAMES
 
 
 def unit_dim(ndim: int) -> int:

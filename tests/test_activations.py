@@ -768,3 +768,23 @@ def test_batched_activation_statistics_equal_a_plain_computation():
             assert latest[s]["mean_output"] == pytest.approx(float(ys.mean()), abs=1e-6)
     assert scope.dead_units()["relu1"].tolist() == [2] and 1 in scope.dead_units()["relu2"].tolist()
     scope.detach()
+
+
+def test_hugging_face_gelu_variants_named_as_finite_from_finite_exist_and_reuse_the_check():
+    """FINITE_FROM_FINITE_NAMES names classes of transformers.activations by string: each must exist there (a rename
+    would quietly cost a check again), and a GELU of a Linear's output shares its check."""
+    activations = pytest.importorskip("transformers.activations")
+    from gradscope.activations import FINITE_FROM_FINITE_NAMES, finite_from_finite
+
+    for qualified in FINITE_FROM_FINITE_NAMES:
+        cls = getattr(activations, qualified.rsplit(".", 1)[1])  # (an old name may be an alias of a new one)
+        assert f"{cls.__module__}.{cls.__qualname__}" in FINITE_FROM_FINITE_NAMES, qualified
+    assert not finite_from_finite(activations.ReLUSquaredActivation())
+    model = nn.Sequential(nn.Linear(4, 8), activations.NewGELUActivation(), nn.Linear(8, 2))
+    scope = gradscope.watch(model)
+    model(torch.randn(3, 4)).sum().backward()
+    parts = dict(scope._collector._passes[-1].output_parts)
+    assert parts["1"] is parts["0"] and parts["2"] is not parts["0"]
+    scope.step()
+    assert scope.latest()["1"]["output_nonfinite"] == 0.0
+    scope.detach()
