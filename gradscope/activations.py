@@ -128,7 +128,9 @@ def fired_counts(out: Tensor, dim: int, check: bool = True, ones: dict | None = 
         # kept, so it must be a tensor of our own that nothing changes later (the output itself may be changed in
         # place); float32: counts above 256 are not exact in bfloat16
         if not made_here:
-            x = x.sign() if x.dtype == torch.float32 else x.float()
+            x = x.sign()  # exact in any dtype (a float32 copy of a float64 1e-50 would be 0: "never fired")
+            if x.dtype != torch.float32:
+                x = x.float()
         return x, total, n
     return _counts(x, ones), total, n
 

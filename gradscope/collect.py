@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
@@ -158,6 +159,7 @@ class _ForwardState(threading.local):
         self.hooked = None  # the last output that got a gradient hook, its version counter then, and the call sites
         self.hooked_version = 0  # that hook reports for (a container returning it unchanged shares the hook)
         self.hooked_sites: list = []
+        self.hooked_target = None  # the tensor its hook is on (the output, or its base: see _hook_target)
         self.cur: _Pass | None = None  # the forward pass whose parts the hooks record
         self.frame = None  # the frame of the root module's call in progress (see Collector._stale)
         self.sub_frame = None  # the outermost submodule call in progress when the root is not running
@@ -217,21 +219,24 @@ class Collector:
     """Device types where hooks leave their reductions to be done together, where each op is a kernel launch (~20 us
     of host time on an H200 host). Output gradients are kept by their hooks and measured together when the backward
     pass ends (one fused ``_foreach_norm``, float64 as :func:`~gradscope.stats.sq_norm`) instead of three launches
-    each, ~3 ms of a resnet18 step; keeping one prevents no in-place reuse that would change it (autograd reuses a
-    gradient buffer in place only when nothing else holds it). ReLU sites keep their per-sample totals, counted for
+    each, ~3 ms of a resnet18 step. Autograd reuses a gradient buffer in place only when nothing else holds it, so a
+    kept one keeps its value, unless a later tensor hook or a custom Function's backward changes it in place (which
+    PyTorch asks hooks not to do): its version counter tells, gradscope warns, and measures that site in its hook
+    from then on (:meth:`_changed_in_place`). ReLU sites keep their per-sample totals, counted for
     the whole forward pass with one matmul (:func:`~gradscope.activations.count_fired`). On CPU ops are cheap and the
     extra copies are not: it measures at once."""
 
     BATCH_BYTES = 32 << 20
-    """At most this many bytes of output gradients are kept at once (the peak memory it may add); more, and the ones
-    kept are measured there and then."""
+    """Output gradients are kept until more than this many bytes of them wait, then measured there and then: the peak
+    memory keeping may add is this plus one gradient (and the sums autograd then makes out of place)."""
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], *, dead_window: int = 1000,
                  saturation_eps: float = 0.02, unit_dims: dict | None = None, functional: bool = True):
         self.active = False
         self.attached = True
         self.signal_parts: list[tuple[str, Tensor]] = []  # (site, squared norm of dLoss/d(output)), this step
-        self._kept: list[tuple[list, Tensor]] = []  # (sites, dLoss/d(output)) kept to be measured together (CUDA)
+        self._kept: list[tuple] = []  # (sites, dLoss/d(output), its version) kept to be measured together (CUDA)
+        self.changed_in_place: set[str] = set()  # sites whose kept gradient was changed after the hook: not kept
         self._kept_bytes = 0
         self._kept_stream = None  # the CUDA stream the kept gradients were made on
         self._kept_task = None  # the backward pass whose end is set to measure them
@@ -294,10 +299,10 @@ class Collector:
             kind = module_kind(module)
             if kind is not None:
                 self.module_kinds[name] = kind
+                if getattr(module, "inplace", False) is True:
+                    self.inplace_modules.add(name)
             elif finite_from_finite(module):
                 self.finite_modules.add(name)
-            if getattr(module, "inplace", False) is True and (kind is not None or name in self.finite_modules):
-                self.inplace_modules.add(name)
             owns = any(p.requires_grad for p in module.parameters(recurse=False))
             if owns or next(iter(module.children()), None) is None:
                 self.profile_modules.add(name)
@@ -509,8 +514,10 @@ class Collector:
         """Start recording a new forward pass on this thread; drop the oldest pass still waiting for a backward pass
         beyond :attr:`MAX_PENDING_PASSES`."""
         waiting, passes = self._waiting, self._passes
-        if passes and passes[-1].dead_parts:  # the pass just finished: count what its ReLU sites kept, free it
-            passes[-1].dead_parts = count_fired(passes[-1].dead_parts, self._ones)
+        prev = st.cur  # this thread's pass just finished (nn.DataParallel: other threads' may still run)
+        if prev is not None and prev.dead_parts:  # count what its ReLU sites kept, and let it go
+            with _no_function_mode():
+                prev.dead_parts = count_fired(prev.dead_parts, self._ones)
         if passes and not passes[-1].reached:  # the pass just finished
             if passes[-1].hooks:
                 waiting.append(passes[-1])
@@ -566,7 +573,7 @@ class Collector:
         st.scoped, st.scope_at = False, 0
         st.stack = []
         st.depth = 0
-        st.checked = st.check = st.hooked = None
+        st.checked = st.check = st.hooked = st.hooked_target = None
         st.frame = None
 
     def _enter_module(self, name: str, module, args):
@@ -597,7 +604,7 @@ class Collector:
             return  # inside the outermost call
         st.sub_frame = caller
         st.calls.clear()
-        st.checked = st.hooked = None
+        st.checked = st.hooked = st.hooked_target = None
         if torch.is_grad_enabled():
             self._open_pass(st)
 
@@ -626,6 +633,7 @@ class Collector:
             st.stack.pop()
         elif st.depth == 0 and st.sub_frame is not None and sys._getframe(1) is st.sub_frame:
             st.sub_frame = None  # the outermost call of a submodule (see _enter_rootless) ends: drop its frame
+            st.checked = st.check = st.hooked = st.hooked_target = None  # and the outputs it held (an unreached graph must be freed)
         call = st.calls.get(name, 0) + 1
         st.calls[name] = call
         site = name if call == 1 else site_name(name, call)
@@ -676,8 +684,10 @@ class Collector:
                 # a block, a Sequential or an (output, None) tuple returning what its last module returned, unchanged
                 check = st.check
             elif one is not None and name in self.finite_modules and one.dtype is not torch.float16 \
-                    and not self._needs_check(args, name in self.inplace_modules):
-                check = st.check  # dropout, flatten, max-pool, GELU of the output just checked: finite iff it was
+                    and not self._needs_check(args):
+                # dropout, flatten, max-pool, GELU of the output just checked, unchanged: finite whenever its input
+                # is, so that check stands for both (an in-place dropout counts as changed: in eval mode it is not)
+                check = st.check
             else:
                 floats = [t.detach().sum(dtype=torch.float32) for t in tensors if t.is_floating_point()]
                 check = floats[0] if len(floats) == 1 else torch.stack(floats).sum() if floats else None
@@ -687,7 +697,8 @@ class Collector:
         cur.hooked.add(site)
         cur.hooks = True
         self._step_modules.add(name)
-        if one is not None and one is st.hooked and one._version == st.hooked_version:
+        if one is not None and one is st.hooked and one._version == st.hooked_version and (
+                one._base is None or _hook_target(one, args) is st.hooked_target):
             st.hooked_sites.append(site)  # the tensor a submodule returned, unchanged: its hook reports for both
             return
         sites = [site]
@@ -696,7 +707,7 @@ class Collector:
             target = t if t._base is None else _hook_target(t, args)
             cur.handles.append(target.register_hook(hook))
         if one is not None:
-            st.hooked, st.hooked_version, st.hooked_sites = one, one._version, sites
+            st.hooked, st.hooked_version, st.hooked_sites, st.hooked_target = one, one._version, sites, target
 
     def _on_function(self, kind: str, out: Tensor, inp) -> None:
         # outputs that need no grad (masks, metrics) take no part in learning; a stale state: a mode left entered by
@@ -773,7 +784,8 @@ class Collector:
         if not self.attached or grad is None:
             return
         cur.reached = True
-        if grad.device.type in self.BATCHED_DEVICES and self._end_of_backward is not None and not _is_compiling():
+        if grad.device.type in self.BATCHED_DEVICES and self._end_of_backward is not None and not _is_compiling() \
+                and sites[0] not in self.changed_in_place:
             self._keep(sites, grad)
         elif len(sites) == 1:
             self.signal_parts.append((sites[0], sq_norm(grad)))
@@ -788,7 +800,7 @@ class Collector:
         with self._kept_lock:
             if self._kept and stream != self._kept_stream:
                 self._measure_kept()  # another device or stream: those made so far are measured on theirs
-            self._kept.append((sites, grad))
+            self._kept.append((sites, grad, grad._version))
             self._kept_stream = stream
             self._kept_bytes += grad.numel() * grad.element_size()
             if self._kept_bytes > self.BATCH_BYTES:
@@ -809,12 +821,28 @@ class Collector:
         if not kept:
             return
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            squares = norms([g for _, g in kept]).square()  # float64, one fused kernel per dtype
+            squares = norms([g for _, g, _ in kept]).square()  # float64, one fused kernel per dtype
+        changed = [sites for sites, g, version in kept if g._version != version]
+        if changed:
+            self._changed_in_place(changed)
         if stream is not None:
             current = torch.cuda.current_stream(stream.device)
             if current != stream:
                 current.wait_stream(stream)  # the step reads them on the stream it runs on
-        self.signal_parts.extend((site, sq) for (sites, _), sq in zip(kept, squares.unbind()) for site in sites)
+        self.signal_parts.extend((site, sq) for (sites, _, _), sq in zip(kept, squares.unbind()) for site in sites)
+
+    def _changed_in_place(self, changed: list) -> None:
+        """Kept gradients that something changed in place after gradscope's hook saw them: a later tensor hook (which
+        PyTorch asks not to modify its argument) or a custom autograd Function's backward. Their value this step is
+        the changed one; from now on these sites are measured in their hook, as on CPU. Said once per site."""
+        new = [site for sites in changed for site in sites if site not in self.changed_in_place]
+        self.changed_in_place.update(new)
+        if new:
+            warnings.warn(
+                f"gradscope: dLoss/d(output) of {', '.join(new)} was changed in place after gradscope's gradient hook "
+                "saw it (by a later tensor hook or a custom autograd Function's backward; PyTorch asks hooks not to "
+                "modify their argument). Its backprop signal this step is of the changed gradient; from the next "
+                "step on gradscope measures it inside its hook, before the change", stacklevel=2)
 
     # -- lifetime ----------------------------------------------------------------------------------------------------
     def gather(self) -> StepBuffers:
@@ -825,9 +853,11 @@ class Collector:
             self._measure_kept()
         reached = [p for p in self._passes if p.reached]
         self.evicted_reached += sum(p.reached for p in self._evicted)
+        with _no_function_mode():
+            dead_parts = count_fired([x for p in reached for x in p.dead_parts], self._ones)
         return StepBuffers(signal_parts=list(self.signal_parts),
                            output_parts=[x for p in reached for x in p.output_parts],
-                           dead_parts=count_fired([x for p in reached for x in p.dead_parts], self._ones),
+                           dead_parts=dead_parts,
                            saturation_parts=[x for p in reached for x in p.saturation_parts],
                            hooked=set().union(*(p.hooked for p in reached)),
                            through_time={site: t.profile for site, t in self.through_time.items()})

@@ -138,6 +138,47 @@ def test_collection_batched_as_on_cuda_equals_the_op_by_op_one():
                     assert b[layer][key] == pytest.approx(v, rel=1e-9, abs=1e-300), (layer, key)
 
 
+class SeenOps(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_users_function_mode_sees_none_of_the_batched_counting(monkeypatch):
+    """The kept ReLU totals are counted when the next forward pass starts, inside the user's forward: a user's
+    TorchFunctionMode sees the same calls as when they are counted in the hooks (no sign, cat or matmul of ours)."""
+    from gradscope.collect import Collector
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    seen = []
+    for batched in ((), ("cpu",)):
+        monkeypatch.setattr(Collector, "BATCHED_DEVICES", batched)
+        scope = gradscope.watch(model)
+        with SeenOps() as mode:
+            for _ in range(2):  # the second pass starts by counting the first's kept totals
+                model(torch.randn(3, 4)).sum().backward()
+        seen.append(mode.names)
+        scope.step()
+        assert scope.latest()["1"]["units"] == 8
+        scope.detach()
+    assert seen[1] == seen[0] and "linear" in seen[0]
+
+
+def test_float64_outputs_far_below_float32s_range_still_count_as_fired():
+    """A kept ReLU output is reduced to its signs before any cast: 1e-50 in float64 fired, not 0 in float32."""
+    from gradscope.activations import count_fired, fired_counts
+
+    tiny = torch.full((4, 3), 1e-50, dtype=torch.float64)
+    fired, _, n = fired_counts(tiny, 1, check=False, keep=True)
+    assert count_fired([("s", fired, n)])[0][1].tolist() == [4.0, 4.0, 4.0]
+    assert fired_counts(tiny, 1, check=False, keep=False)[0].tolist() == [4.0, 4.0, 4.0]
+
+
 def test_dead_units_alert_fires_once_the_window_fills():
     model = killed(nn.Sequential(nn.Linear(8, N_UNITS), nn.ReLU()))
     with torch.no_grad():

@@ -66,10 +66,12 @@ def test_norms_of_a_model_split_over_cpu_and_cuda():
 
 
 @pytest.mark.parametrize("batch_bytes", [1, 32 << 20], ids=["each at once", "together at the end"])
-@pytest.mark.parametrize("side_stream", [False, True], ids=["default stream", "side stream"])
-def test_kept_output_gradients_give_the_autograd_signals(monkeypatch, batch_bytes, side_stream):
+@pytest.mark.parametrize("streams", ["default", "side", "backward from a side stream"])
+def test_kept_output_gradients_give_the_autograd_signals(monkeypatch, batch_bytes, streams):
     """CUDA keeps output gradients in the hooks and measures them together (Collector.BATCHED_DEVICES): the signals
-    equal dLoss/d(output) from plain autograd, on the default stream or a side stream, with no host sync."""
+    equal dLoss/d(output) from plain autograd, with no host sync, when everything runs on the default stream, on a
+    side stream, or when backward() and step() are called from a side stream other than the forward's (autograd runs
+    the backward ops on the forward's stream; the measuring stream is then waited for by the caller's)."""
     from gradscope.collect import Collector
 
     monkeypatch.setattr(Collector, "BATCH_BYTES", batch_bytes)
@@ -84,17 +86,23 @@ def test_kept_output_gradients_give_the_autograd_signals(monkeypatch, batch_byte
         h.remove()
     wanted = [float(g.double().norm()) for g in wanted]
     scope = gradscope.watch(model)
-    stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            F.cross_entropy(model(x), y).backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.current_stream().wait_stream(stream)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        if streams == "side":
+            with torch.cuda.stream(side):
+                F.cross_entropy(model(x), y).backward()
+            torch.cuda.current_stream().wait_stream(side)  # the user's part: reading side-stream results elsewhere
+        else:
+            loss = F.cross_entropy(model(x), y)
+            with torch.cuda.stream(side) if streams != "default" else torch.cuda.stream(torch.cuda.current_stream()):
+                loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert scope._collector._kept == []
-    scope.step()
+    with torch.cuda.stream(side) if streams == "backward from a side stream" else torch.cuda.stream(None):
+        scope.step()
     got = [scope.latest()[str(i)]["backprop_signal"] for i in range(len(model))]
     assert got == pytest.approx(wanted, rel=1e-5)
     scope.detach()

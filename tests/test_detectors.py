@@ -215,6 +215,29 @@ def test_dropout_and_a_tuple_of_a_checked_output_reuse_its_check_and_the_true_so
     scope.detach()
 
 
+class InplaceDropoutAfterUnseenNan(nn.Module):
+    """A NaN written in place into a checked output, then an in-place dropout that changes nothing (p=0, or eval):
+    its version counter does not move, so the dropout cannot count as the one change since the check."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.drop, self.head = nn.Linear(4, 4), nn.Dropout(0.0, inplace=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        h[0, 1] = float("nan")
+        return self.head(self.drop(h))
+
+
+def test_an_inplace_dropout_that_changes_nothing_does_not_hide_an_unseen_nan():
+    model = InplaceDropoutAfterUnseenNan()
+    scope = gradscope.watch(model)
+    model(torch.randn(3, 4)).sum().backward()
+    assert [a.layer for a in scope.step() if a.kind == "nonfinite"] == ["drop"]
+    assert scope.latest()["lin"]["output_nonfinite"] == 0.0
+    scope.detach()
+
+
 def test_nan_from_the_loss_names_the_layer_closest_to_the_loss():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     scope = gradscope.watch(model)

@@ -228,6 +228,64 @@ def test_a_container_returning_its_child_output_shares_the_hook_only_while_uncha
     scope.detach()
 
 
+def test_a_kept_gradient_changed_in_place_by_a_later_hook_is_said_and_then_measured_in_the_hook(monkeypatch):
+    """CUDA's kept gradients (run here on CPU tensors): a user's tensor hook that clamps dLoss/d(output) in place
+    after gradscope's hook (PyTorch asks hooks not to) is caught by the version counter: a warning naming the site,
+    and from the next step that site is measured inside gradscope's hook, as without keeping."""
+    from gradscope.collect import Collector
+
+    def run(batched, steps):
+        monkeypatch.setattr(Collector, "BATCHED_DEVICES", batched)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 2))
+        def clamp_later(module, args, out):
+            out.register_hook(lambda g: g.clamp_(-1e-3, 1e-3))
+
+        model[0].register_forward_hook(clamp_later)
+        scope = gradscope.watch(model)  # its forward hooks run first: its tensor hook sees the unclamped gradient
+        x, y = torch.randn(6, 5), torch.randint(0, 2, (6,))
+        values = []
+        for _ in range(steps):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            scope.step()
+            values.append(scope.latest()["0"]["backprop_signal"])
+        scope.detach()
+        return values
+
+    measured_in_hook = run((), 2)
+    with pytest.warns(UserWarning, match=r"dLoss/d\(output\) of 0 was changed in place"):
+        kept = run(("cpu",), 2)
+    assert kept[0] < measured_in_hook[0] / 10  # the clamped value, that once
+    assert kept[1] == pytest.approx(measured_in_hook[1], rel=1e-9)
+
+
+class FlattenHead(nn.Module):
+    """Returns nn.Flatten's output: a view of the conv's output, which came into the Flatten as its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.flat = nn.Conv2d(2, 3, 3, padding=1), nn.Flatten()
+
+    def forward(self, x):
+        return self.flat(self.conv(x))
+
+
+def test_a_container_returning_a_view_hooked_by_its_child_keeps_its_signal_after_an_inplace_op():
+    """The child hooked the view (its base was the child's input); an in-place ReLU then rebases the view and that
+    hook never fires. The container, for which the base was made inside it, hooks the base: its signal survives."""
+    torch.manual_seed(0)
+    model = nn.Sequential(FlattenHead(), nn.ReLU(inplace=True), nn.Linear(3 * 16, 2))
+    x, y = torch.randn(4, 2, 4, 4), torch.randint(0, 2, (4,))
+    f = model[0](x)
+    (g,) = torch.autograd.grad(F.cross_entropy(model[2](torch.relu(f)), y), [f])
+    scope = gradscope.watch(model)
+    F.cross_entropy(model(x), y).backward()
+    scope.step()
+    assert rel_close(scope.latest()["0"]["backprop_signal"], float(g.norm())) and float(g.norm()) > 0
+    scope.detach()
+
+
 class Shared(nn.Module):
     """One Linear used twice per forward, one frozen layer, one branch unused on odd steps."""
 
