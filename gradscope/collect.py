@@ -164,6 +164,11 @@ class _ForwardState(threading.local):
         self.frame = None  # the frame of the root module's call in progress (see Collector._stale)
         self.sub_frame = None  # the outermost submodule call in progress when the root is not running
 
+    def forget_outputs(self) -> None:
+        """Drop the last checked and hooked outputs held here: once a forward pass ends, a graph that no backward pass
+        reaches must be freed, and the next pass must not match its outputs."""
+        self.checked = self.check = self.hooked = self.hooked_target = None
+
 
 # Gradscope's own tensor work inside a forward hook must not go through its (or anyone's) TorchFunctionMode: that
 # dispatch cost more than the work itself (measured: 7 ms of a 17 ms MLP step) and would show our ops to user modes.
@@ -573,7 +578,7 @@ class Collector:
         st.scoped, st.scope_at = False, 0
         st.stack = []
         st.depth = 0
-        st.checked = st.check = st.hooked = st.hooked_target = None
+        st.forget_outputs()
         st.frame = None
 
     def _enter_module(self, name: str, module, args):
@@ -604,7 +609,7 @@ class Collector:
             return  # inside the outermost call
         st.sub_frame = caller
         st.calls.clear()
-        st.checked = st.hooked = st.hooked_target = None
+        st.forget_outputs()
         if torch.is_grad_enabled():
             self._open_pass(st)
 
@@ -633,7 +638,7 @@ class Collector:
             st.stack.pop()
         elif st.depth == 0 and st.sub_frame is not None and sys._getframe(1) is st.sub_frame:
             st.sub_frame = None  # the outermost call of a submodule (see _enter_rootless) ends: drop its frame
-            st.checked = st.check = st.hooked = st.hooked_target = None  # and the outputs it held (an unreached graph must be freed)
+            st.forget_outputs()
         call = st.calls.get(name, 0) + 1
         st.calls[name] = call
         site = name if call == 1 else site_name(name, call)
