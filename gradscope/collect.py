@@ -242,6 +242,8 @@ class Collector:
         self.signal_parts: list[tuple[str, Tensor]] = []  # (site, squared norm of dLoss/d(output)), this step
         self._kept: list[tuple] = []  # (sites, dLoss/d(output), its version) kept to be measured together (CUDA)
         self.changed_in_place: set[str] = set()  # sites whose kept gradient was changed after the hook: not kept
+        self.unsummed: set[str] = set()  # sites whose gradient was a Partial DTensor this step: no signal (_local_grad)
+        self.unsummed_seen: set[str] = set()  # those ever seen (said once each)
         self._kept_bytes = 0
         self._kept_stream = None  # the CUDA stream the kept gradients were made on
         self._kept_task = None  # the backward pass whose end is set to measure them
@@ -694,7 +696,7 @@ class Collector:
                 # is, so that check stands for both (an in-place dropout counts as changed: in eval mode it is not)
                 check = st.check
             else:
-                floats = [t.detach().sum(dtype=torch.float32) for t in tensors if t.is_floating_point()]
+                floats = [local(t).detach().sum(dtype=torch.float32) for t in tensors if t.is_floating_point()]
                 check = floats[0] if len(floats) == 1 else torch.stack(floats).sum() if floats else None
         if check is not None:
             cur.output_parts.append((site, check))
@@ -744,7 +746,10 @@ class Collector:
 
     def _observe(self, cur: _Pass, site: str, kind: str, out: Tensor, check: bool = True) -> Tensor | None:
         """Record a ReLU/sigmoid/tanh output in the pass ``cur``; return the sum of the outputs (the site's forward
-        NaN/Inf check), or None for a ReLU whose input was just checked."""
+        NaN/Inf check), or None for a ReLU whose input was just checked. A ``DTensor`` output (tensor parallelism) is
+        measured on this rank's local part (see :func:`gradscope.sharded.local`)."""
+        if type(out) not in _PLAIN:
+            out = local(out)
         if kind == "relu":
             counts, total, n = fired_counts(out, self.unit_dims.get(site, unit_dim(out.ndim)), check, self._ones,
                                             out.device.type in self.BATCHED_DEVICES)
@@ -783,10 +788,12 @@ class Collector:
         tracker = self.through_time.get(site)
         if tracker is None:
             tracker = self.through_time[site] = TimeProfile()
-        tracker.observe_grad(grad, batch_dim)
+        tracker.observe_grad(local(grad), batch_dim)
 
     def _on_grad(self, sites: list, cur: _Pass, grad: Tensor):
         if not self.attached or grad is None:
+            return
+        if type(grad) not in _PLAIN and (grad := self._local_grad(sites, grad)) is None:
             return
         cur.reached = True
         if grad.device.type in self.BATCHED_DEVICES and self._end_of_backward is not None and not _is_compiling() \
@@ -797,6 +804,25 @@ class Collector:
         else:
             sq = sq_norm(grad)
             self.signal_parts.extend((site, sq) for site in sites)
+
+    def _local_grad(self, sites: list, grad: Tensor) -> Tensor | None:
+        """The part of a ``DTensor`` output's gradient (tensor parallelism) this rank measures: its local shard (a
+        sharded output's units on this rank; a replicated one's whole), or None for a ``Partial`` gradient, whose local
+        tensor is one rank's summand of it (a column-parallel layer's input gradient before the all-reduce): no norm of
+        it can be had without gathering, so these sites get no backprop signal this step (not a zero one), said once."""
+        placements = getattr(grad, "placements", ())
+        if not any(p.is_partial() for p in placements):
+            return local(grad)
+        with self._kept_lock:
+            self.unsummed.update(sites)
+            new = [site for site in sites if site not in self.unsummed_seen]
+            self.unsummed_seen.update(new)
+        if new:
+            warnings.warn(
+                f"gradscope: dLoss/d(output) of {', '.join(new)} is a Partial DTensor (each rank holds a summand; "
+                "tensor parallelism sums them later): its backprop signal is not recorded, since measuring it would "
+                "mean gathering the gradient. Its activation statistics are of this rank's part.", stacklevel=2)
+        return None
 
     def _keep(self, sites: list, grad: Tensor) -> None:
         """Keep ``grad`` to be measured with the others of this backward pass (see :attr:`BATCHED_DEVICES`)."""
@@ -860,16 +886,19 @@ class Collector:
         self.evicted_reached += sum(p.reached for p in self._evicted)
         with _no_function_mode():
             dead_parts = count_fired([x for p in reached for x in p.dead_parts], self._ones)
-        return StepBuffers(signal_parts=list(self.signal_parts),
+        unsummed = self.unsummed  # a signal that is partly a Partial DTensor's is no signal (see _local_grad)
+        return StepBuffers(signal_parts=[x for x in self.signal_parts if x[0] not in unsummed] if unsummed
+                           else list(self.signal_parts),
                            output_parts=[x for p in reached for x in p.output_parts],
                            dead_parts=dead_parts,
                            saturation_parts=[x for p in reached for x in p.saturation_parts],
-                           hooked=set().union(*(p.hooked for p in reached)),
+                           hooked=set().union(*(p.hooked for p in reached)) - unsummed,
                            through_time={site: t.profile for site, t in self.through_time.items()})
 
     def reset(self) -> None:
         """Start a new step: drop buffers and the tensor hooks of tensors from the finished step."""
         self.signal_parts = []
+        self.unsummed = set()
         with self._kept_lock:
             self._kept, self._kept_bytes, self._kept_task = [], 0, None
         self.through_time = {}

@@ -143,7 +143,31 @@ def fsdp_phases(rank, world, out_dir):
         refused = str(e)
     scope.detach()
     (Path(out_dir) / f"partial-rank{rank}.txt").write_text(refused)
+    tensor_parallel_phase(rank, mesh, out_dir)
     dist.barrier()
+
+
+def tensor_parallel_phase(rank, mesh, out_dir):
+    """Tensor parallelism whose layers hand DTensors on (``use_local_output=False``): the first Linear's output, and
+    the ReLU's, are sharded over the units (each rank holds 8 of 16), the second's replicated. Both ranks see the same
+    batches, as tensor parallelism has them."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    model = make_model(keep_unit=False)
+    parallelize_module(model, mesh, {"0": ColwiseParallel(use_local_output=False),
+                                     "2": RowwiseParallel(use_local_output=False),
+                                     "4": ColwiseParallel(output_layouts=Replicate())})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, dead_window=WINDOW)
+    for x, y in batches(0):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        scope.step(loss=loss)
+        opt.step()
+    scope.save(f"{out_dir}/tp-rank{rank}.jsonl")
+    scope.detach()
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +275,36 @@ def test_fsdp2_ranks_agree_with_one_process_on_the_union(two_ranks, name):
     # one all_reduce of the step's numbers after a two-number size check; grad_max's max one more; NaN counts one more
     calls = [json.loads((out / f"fsdp-{name}-calls{r}.json").read_text()) for r in (0, 1)]
     assert calls[0] == calls[1] == ([3, 3, 3, 4] if name == "full" else [2, 2, 2])
+
+
+def test_tensor_parallel_outputs_are_measured_per_rank(two_ranks):
+    """DTensor outputs (tensor parallelism) neither break training nor get gathered: each rank measures its local part.
+    The parameters' statistics are of the whole parameters, as one process has them; a sharded site's numbers are of
+    the rank's units, so the two ranks' add up to one process's (dead units, squared backprop signal); a replicated
+    site's are one process's on both ranks; a Partial gradient gives no signal rather than a wrong one."""
+    out, _ = two_ranks
+    ranks = [gradscope.load(out / f"tp-rank{r}.jsonl") for r in (0, 1)]
+    one = union_run({}, [((x, y), (x[:0], y[:0])) for x, y in batches(0)], keep_unit=False)  # batches(0) alone
+    assert len(one.history) == len(ranks[0].history) == len(ranks[1].history) == STEPS
+    for step, want in enumerate(one.history):
+        got = [r.history[step] for r in ranks]
+        for g in got:
+            for pname, st in want.params.items():
+                assert g.params[pname]["grad_norm"] == pytest.approx(st["grad_norm"], rel=1e-5), (step, pname)
+            assert g.info["loss"] == pytest.approx(want.info["loss"], rel=1e-6)
+            # "2" replicated: the whole output and gradient on every rank. "3" (Sigmoid) replicated too, but its
+            # gradient is Partial (each rank a summand, until the column-parallel "4" all-reduces it): no signal
+            assert g.layers["2"]["backprop_signal"] == pytest.approx(want.layers["2"]["backprop_signal"], rel=1e-5)
+            assert "backprop_signal" not in g.layers["3"] and "backprop_signal" in want.layers["3"]
+            assert g.layers["3"]["saturation"] == pytest.approx(want.layers["3"]["saturation"])
+            assert g.layers["1"]["units"] == 8
+        # sharded over the units: the ranks' parts make the whole ("4": gradscope's hook sees its output before the
+        # layer's own hook gathers it)
+        for site in ("0", "1", "4"):
+            signal = math.hypot(*(g.layers[site]["backprop_signal"] for g in got))
+            assert signal == pytest.approx(want.layers[site]["backprop_signal"], rel=1e-5), (step, site)
+        assert sum(g.layers["1"]["dead_units"] for g in got) == want.layers["1"]["dead_units"] >= 5  # 0-3 and 5
+        assert got[0].layers["1"]["dead_units"] >= 5  # units 0-7 are rank 0's
 
 
 def test_a_partial_gradient_is_refused_not_summed(two_ranks):
