@@ -467,6 +467,23 @@ def test_gradient_through_time_matches_autograd(cell, batch_first, layers, bidir
     scope.detach()
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-25, 1e20])
+def test_through_time_norms_survive_float32_range(scale):
+    """On CPU a float32 input gradient is measured in float32 first; steps whose squares would underflow (a plain
+    RNN's first steps: 1e-25) or overflow in float32 are measured in float64, as the reference is."""
+    from gradscope.activations import TimeProfile
+
+    torch.manual_seed(0)
+    g = torch.randn(4, 10, 6)
+    g[:, :3] *= scale  # the first three steps at another scale
+    tracker = TimeProfile()
+    tracker.observe_grad(g, 0)
+    want = g.double().norm(dim=-1).mean(dim=0)
+    assert tracker.profile.dtype == torch.float64
+    assert torch.allclose(tracker.profile, want, rtol=1e-6, atol=0)
+    assert (tracker.profile > 0).all() and torch.isfinite(tracker.profile).all()
+
+
 def test_vanilla_rnn_forgets_early_steps_and_is_flagged():
     torch.manual_seed(0)
     model = SeqClassifier(nn.RNN)
