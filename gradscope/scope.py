@@ -557,7 +557,7 @@ class Scope(Run):
         grads = [local(g) for _, g in have]  # a sharded (FSDP2) parameter's: this rank's shard
         scale_t = _torch.scale_tensor(scaler) if scale_t is None else scale_t
         use_snapshot = self._snapshot is not None and self._snapshot_step == step - 1
-        wanted, measured = measure_params(grads, [local(p.detach()) for _, _, p in params], self._extra,
+        wanted, measured = measure_params(grads, [local(p) for _, _, p in params], self._extra,  # (measures detach)
                                           [self._snapshot[i] for i, _ in have] if use_snapshot else None)
         shards = self._shards_of(tuple(i for i, _ in have), params) if self._sharded else None
         kinds = {m: MEASURES[m].across_shards for m in measured}

@@ -42,7 +42,10 @@ def _real(t: Tensor) -> Tensor:
 
 def _flat(t: Tensor) -> Tensor:
     """The entries of ``t`` as a 1-D tensor, in memory order: a view when they fill one block (contiguous or any
-    permutation of it, e.g. channels_last), a copy otherwise (a sum of squares does not depend on the order)."""
+    permutation of it, e.g. channels_last), a copy otherwise (a sum of squares does not depend on the order); a
+    contiguous 1-D tensor itself."""
+    if t.dim() == 1 and t.is_contiguous():
+        return t
     if not t.is_contiguous():
         p = t.permute(sorted(range(t.dim()), key=lambda i: -t.stride(i)))
         t = p if p.is_contiguous() else t.contiguous()
@@ -164,7 +167,9 @@ def norms(tensors: list[Tensor]) -> Tensor:
         sq = _stack([sq_norm(t) for t in tensors])
         return sq.to(_wide(sq.device)).sqrt()
     fast = [i for i, t in enumerate(tensors) if t.dtype is torch.float32 and t.layout is torch.strided]
-    sq = torch.stack([torch.dot(f, f) for f in (_flat(tensors[i].detach()) for i in fast)]).double() if fast \
+    # (a parameter, or a gradient made with create_graph=True, is detached: no graph is recorded for the norms)
+    sq = torch.stack([torch.dot(f, f) for f in (_flat(t.detach() if t.requires_grad else t)
+                                                 for t in (tensors[i] for i in fast))]).double() if fast \
         else torch.zeros(0, dtype=torch.float64)
     if len(fast) == len(tensors):  # the usual case
         out = sq.sqrt()
@@ -173,8 +178,11 @@ def norms(tensors: list[Tensor]) -> Tensor:
         if fast:
             out[fast] = sq.sqrt()
     # float32 sums of squares that may have underflowed or overflowed: exactly (reading a CPU tensor is no sync)
-    bad = ~((sq >= TINY_SQ) & (sq < math.inf))
-    redo = {fast[k] for k in bad.nonzero().flatten().tolist()} if fast and bad.any().item() else set()
+    redo = set()
+    if fast:
+        lo, hi = torch.aminmax(sq)  # (one pass; a NaN makes both NaN)
+        if not (lo.item() >= TINY_SQ and hi.item() < math.inf):
+            redo = {fast[k] for k, v in enumerate(sq.tolist()) if not TINY_SQ <= v < math.inf}
     for i in sorted(redo.union(set(range(len(tensors))).difference(fast))):
         out[i] = (exact_sq_norm(tensors[i].detach()) if i in redo else sq_norm(tensors[i]).double()).sqrt()
     return out
