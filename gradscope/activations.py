@@ -325,7 +325,7 @@ class TimeProfile:
         # norm lies where no square can have underflowed or overflowed (reading a CPU tensor is no sync)
         g = grad.detach()
         norms = None
-        if g.is_cpu and g.dtype is torch.float32 and g.layout is torch.strided:
+        if g.is_cpu and g.dtype is torch.float32 and g.layout is torch.strided and g.numel():  # (aminmax: not empty)
             fast = torch.linalg.vector_norm(g, dim=-1)  # (N, T), (T, N) or (T,)
             lo, hi = torch.aminmax(fast)
             if lo.item() >= _TINY_NORM and hi.item() < _HUGE_NORM:

@@ -244,6 +244,7 @@ class Collector:
         self.changed_in_place: set[str] = set()  # sites whose kept gradient was changed after the hook: not kept
         self.unsummed: set[str] = set()  # sites whose gradient was a Partial DTensor this step: no signal (_local_grad)
         self.unsummed_seen: set[str] = set()  # those ever seen (said once each)
+        self.local_sites: set[str] = set()  # ReLU sites and output gradients measured on a DTensor's local part
         self._kept_bytes = 0
         self._kept_stream = None  # the CUDA stream the kept gradients were made on
         self._kept_task = None  # the backward pass whose end is set to measure them
@@ -750,6 +751,8 @@ class Collector:
         measured on this rank's local part (see :func:`gradscope.sharded.local`)."""
         if type(out) not in _PLAIN:
             out = local(out)
+            if kind == "relu":
+                self.local_sites.add(site)  # its units are this rank's (see Scope._collect under reduce_ranks)
         if kind == "relu":
             counts, total, n = fired_counts(out, self.unit_dims.get(site, unit_dim(out.ndim)), check, self._ones,
                                             out.device.type in self.BATCHED_DEVICES)
@@ -793,9 +796,9 @@ class Collector:
     def _on_grad(self, sites: list, cur: _Pass, grad: Tensor):
         if not self.attached or grad is None:
             return
+        cur.reached = True
         if type(grad) not in _PLAIN and (grad := self._local_grad(sites, grad)) is None:
             return
-        cur.reached = True
         if grad.device.type in self.BATCHED_DEVICES and self._end_of_backward is not None and not _is_compiling() \
                 and sites[0] not in self.changed_in_place:
             self._keep(sites, grad)
@@ -811,6 +814,8 @@ class Collector:
         tensor is one rank's summand of it (a column-parallel layer's input gradient before the all-reduce): no norm of
         it can be had without gathering, so these sites get no backprop signal this step (not a zero one), said once."""
         placements = getattr(grad, "placements", ())
+        with self._kept_lock:
+            self.local_sites.update(sites)
         if not any(p.is_partial() for p in placements):
             return local(grad)
         with self._kept_lock:

@@ -213,6 +213,7 @@ class Scope(Run):
         self._stream_close = None
         self._param_slots = None  # see _params_moved
         self._warned_unmonitored: set[str] = set()
+        self._warned_local: set[str] = set()  # tensor-parallel sites left out of the reduction (_without_local_sites)
         try:
             self._collector.active = True
             if optimizer is not None:
@@ -491,6 +492,25 @@ class Scope(Run):
                       "(functional ones inside too) are not recorded, only their parameter gradients. Pass "
                       "use_reentrant=False to checkpoint() to monitor them fully.", RuntimeWarning, stacklevel=4)
 
+    def _without_local_sites(self, b):
+        """The buffers without what tensor parallelism leaves on each rank (``Collector.local_sites``): ReLU units
+        and output gradients of ``DTensor`` outputs, measured on this rank's part. Summed over all ranks they would add
+        different units index by index and scale shards as data-parallel copies (and shards of uneven size cannot be
+        summed at all), so under ``reduce_ranks`` (DDP or FSDP2 beside tensor parallelism) those sites get no dead
+        units and no backprop signal; their output checks and saturation counts add up correctly and stay. Said once."""
+        local_sites = self._collector.local_sites
+        new = local_sites - self._warned_local
+        if new:
+            self._warned_local |= new
+            warnings.warn(f"gradscope: {sorted(new)} hand on DTensors (tensor parallelism), whose parts differ by rank; "
+                          "with reduce_ranks on (DDP or FSDP2 beside it) their dead units and backprop signals are not "
+                          "recorded, since summing them over ranks would mix the ranks' units. Without DDP/FSDP2, or "
+                          "with watch(..., reduce_ranks=False), each rank records its own part.",
+                          RuntimeWarning, stacklevel=5)
+        return dataclasses.replace(
+            b, signal_parts=[x for x in b.signal_parts if x[0] not in local_sites],
+            dead_parts=[x for x in b.dead_parts if x[0] not in local_sites], hooked=b.hooked - local_sites)
+
     def _shards_of(self, key: tuple, params: list):
         """The :class:`gradscope.sharded.Shards` of this set of parameters with gradients (kept while it holds), or
         None when none of them is sharded."""
@@ -563,6 +583,8 @@ class Scope(Run):
         kinds = {m: MEASURES[m].across_shards for m in measured}
         sums = shards.summands(measured, kinds) if shards else {}
         if self._reduce_ranks and world_size() > 1:
+            if c.local_sites:
+                b = self._without_local_sites(b)
             b, self._loss, sums = reduce_buffers(b, self._loss, sums)  # one all_reduce for both
         elif sums:
             sums = reduce_sums(sums)

@@ -484,6 +484,19 @@ def test_through_time_norms_survive_float32_range(scale):
     assert (tracker.profile > 0).all() and torch.isfinite(tracker.profile).all()
 
 
+def test_an_empty_batch_through_a_recurrent_layer_trains_on():
+    """A batch of no samples (the empty last shard of a split, say) gives the recurrent layer an empty input
+    gradient: its hook must not raise inside backward (aminmax of nothing does), and the step closes."""
+    torch.manual_seed(0)
+    model = SeqClassifier(nn.LSTM)
+    scope = gradscope.watch(model)
+    for batch in (4, 0, 4):
+        model(torch.randn(batch, 20, 6)).sum().backward()
+        scope.step()
+    assert len(scope.latest()["rnn"]["through_time"]) == 20
+    scope.detach()
+
+
 def test_vanilla_rnn_forgets_early_steps_and_is_flagged():
     torch.manual_seed(0)
     model = SeqClassifier(nn.RNN)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,24 @@ def tensor_parallel_phase(rank, mesh, out_dir):
         opt.step()
     scope.save(f"{out_dir}/tp-rank{rank}.jsonl")
     scope.detach()
+    # with reduce_ranks (what DDP or FSDP2 beside tensor parallelism turn on): 15 units, so the shards are uneven
+    # (8 and 7) and cannot be summed: those sites' dead units and signals are left out, said once; the rest adds up
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 15), nn.ReLU(), nn.Linear(15, 3))
+    parallelize_module(model, mesh, {"0": ColwiseParallel(use_local_output=False), "2": RowwiseParallel()})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, reduce_ranks=True)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for x, y in batches(0):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            scope.step(loss=loss)
+            opt.step()
+    scope.save(f"{out_dir}/tp-reduced-rank{rank}.jsonl")
+    scope.detach()
+    (Path(out_dir) / f"tp-reduced-said{rank}.txt").write_text("\n".join(str(w.message) for w in said))
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +324,22 @@ def test_tensor_parallel_outputs_are_measured_per_rank(two_ranks):
             assert signal == pytest.approx(want.layers[site]["backprop_signal"], rel=1e-5), (step, site)
         assert sum(g.layers["1"]["dead_units"] for g in got) == want.layers["1"]["dead_units"] >= 5  # 0-3 and 5
         assert got[0].layers["1"]["dead_units"] >= 5  # units 0-7 are rank 0's
+
+
+def test_tensor_parallel_sites_are_left_out_of_a_reduction(two_ranks):
+    out, _ = two_ranks
+    for r in (0, 1):
+        run = gradscope.load(out / f"tp-reduced-rank{r}.jsonl")
+        assert len(run.history) == STEPS
+        last = run.history[-1].layers
+        # every site here is tensor-parallel ("2" too: gradscope sees its output before the layer's own hook reduces
+        # it); what does add up over ranks stays: output checks, the parameters' statistics, the loss
+        for site in ("0", "1", "2"):
+            assert "dead_units" not in last[site] and "backprop_signal" not in last[site], (site, last[site])
+            assert last[site]["output_nonfinite"] == 0.0
+        assert last["0"]["grad_norm"] > 0 and last["2"]["grad_norm"] > 0 and run.history[-1].info["loss"] > 0
+        said = (out / f"tp-reduced-said{r}.txt").read_text()
+        assert said.count("hand on DTensors") == 1 and "reduce_ranks=False" in said, said
 
 
 def test_a_partial_gradient_is_refused_not_summed(two_ranks):
