@@ -159,34 +159,29 @@ def tensor_parallel_phase(rank, mesh, out_dir):
     parallelize_module(model, mesh, {"0": ColwiseParallel(use_local_output=False),
                                      "2": RowwiseParallel(use_local_output=False),
                                      "4": ColwiseParallel(output_layouts=Replicate())})
+    train_and_save(model, gradscope.watch(model, dead_window=WINDOW), f"{out_dir}/tp-rank{rank}.jsonl")
+    # with reduce_ranks (what DDP or FSDP2 beside tensor parallelism turn on): 15 units, so the shards are uneven
+    # (8 and 7) and cannot be summed: those sites' dead units and signals are left out, said once; the rest adds up
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 15), nn.ReLU(), nn.Linear(15, 3))
+    parallelize_module(model, mesh, {"0": ColwiseParallel(use_local_output=False), "2": RowwiseParallel()})
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        train_and_save(model, gradscope.watch(model, reduce_ranks=True), f"{out_dir}/tp-reduced-rank{rank}.jsonl")
+    (Path(out_dir) / f"tp-reduced-said{rank}.txt").write_text("\n".join(str(w.message) for w in said))
+
+
+def train_and_save(model, scope, path):
+    """Train on rank 0's batches (tensor parallelism: the same on every rank), save the run, detach."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scope = gradscope.watch(model, dead_window=WINDOW)
     for x, y in batches(0):
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         scope.step(loss=loss)
         opt.step()
-    scope.save(f"{out_dir}/tp-rank{rank}.jsonl")
+    scope.save(path)
     scope.detach()
-    # with reduce_ranks (what DDP or FSDP2 beside tensor parallelism turn on): 15 units, so the shards are uneven
-    # (8 and 7) and cannot be summed: those sites' dead units and signals are left out, said once; the rest adds up
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 15), nn.ReLU(), nn.Linear(15, 3))
-    parallelize_module(model, mesh, {"0": ColwiseParallel(use_local_output=False), "2": RowwiseParallel()})
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scope = gradscope.watch(model, reduce_ranks=True)
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        for x, y in batches(0):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            scope.step(loss=loss)
-            opt.step()
-    scope.save(f"{out_dir}/tp-reduced-rank{rank}.jsonl")
-    scope.detach()
-    (Path(out_dir) / f"tp-reduced-said{rank}.txt").write_text("\n".join(str(w.message) for w in said))
 
 
 @pytest.fixture(scope="module")
