@@ -813,12 +813,11 @@ class Collector:
         sharded output's units on this rank; a replicated one's whole), or None for a ``Partial`` gradient, whose local
         tensor is one rank's summand of it (a column-parallel layer's input gradient before the all-reduce): no norm of
         it can be had without gathering, so these sites get no backprop signal this step (not a zero one), said once."""
-        placements = getattr(grad, "placements", ())
+        partial = any(p.is_partial() for p in getattr(grad, "placements", ()))
         with self._kept_lock:
             self.local_sites.update(sites)
-        if not any(p.is_partial() for p in placements):
-            return local(grad)
-        with self._kept_lock:
+            if not partial:
+                return local(grad)
             self.unsummed.update(sites)
             new = [site for site in sites if site not in self.unsummed_seen]
             self.unsummed_seen.update(new)

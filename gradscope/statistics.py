@@ -33,7 +33,8 @@ class Measure:
     """One number per parameter, computed on the device: ``compute(grads, weights, before)`` returns a 1-D tensor
     (one entry per parameter, in order) or None when it cannot be computed this step (``before``, the parameters one
     collected step earlier, is None). ``weights`` are the parameters themselves (a sharded one's local shard), which
-    require grad: detach what is computed from them, as the measures here do (``norms`` detaches). ``scaled``: it is of the gradient, so the loss scale is divided out.
+    require grad: detach what is computed from them, as the measures here do (``norms`` detaches). ``scaled``: it is
+    of the gradient, so the loss scale is divided out.
     ``across_shards``: how the numbers of a sharded parameter's shards (FSDP2: one per rank) make the whole
     parameter's (:mod:`gradscope.sharded`): ``"norm"`` an L2 norm (squares summed), ``"sum"`` a count, ``"max"``."""
 
