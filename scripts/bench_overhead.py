@@ -9,7 +9,9 @@ LSTM over 32 image rows, and a GPT-2-style transformer (Hugging Face GPT2LMHeadM
 wide, tied embeddings; batch 8 x 64 byte tokens; needs transformers, the bench extra).
 
 Monitors: plain training, gradscope every=1, every=10, every=1 with all optional extra_stats (max |g|, zero
-fraction, weight norms), a per-parameter .item() loop, TensorBoard add_histogram per parameter, wandb.watch offline.
+fraction, weight norms), a per-parameter .item() loop, TensorBoard add_histogram per parameter, wandb.watch offline;
+with --floor, three floors under gradscope every=1 (see HookFloor): no-op hooks, + the core numbers' kernels, + the
+other default statistics' kernels, none with records.
 Each trains its own copy of the model (same weights, same batches); the script runs one step of each in turn, in a
 new random order every cycle, for --steps x --rounds cycles after --warmup, so a slow phase of a shared machine hits
 all monitors alike. "x plain (median)" is the median over cycles of the step time over plain's step time in the same
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -167,34 +170,65 @@ class HookFloor(Monitor):
     Level 1: a no-op forward pre-hook and forward hook on every module, as gradscope places them (none on the root's
     pre-hook). Level 2 adds the numbers the core statistics are made of, with gradscope's own kernels: the float32 sum
     of every module output (its NaN/Inf check), a tensor hook on every output taking the squared norm of its gradient
-    (the backprop signal), and the parameters' gradient norms, all read with one transfer per step. No dead units,
-    saturation, records, detectors or history.
+    (the backprop signal), and the parameters' gradient norms, all read with one transfer per step. Level 3 adds what
+    gradscope's other default statistics compute, with its own kernels: a ReLU output's per-unit fired counts (dead
+    units; in place of its sum, as gradscope checks a ReLU of the output just checked by that check), a sigmoid/tanh
+    output's saturation count (its sum included), and a recurrent layer's input gradient per step (its input passed on
+    as a new autograd node, the gradient through time). No records, dead-unit state, detectors or history.
     """
+
+    NAMES = {1: "floor: no-op hooks on every module", 2: "floor: + output sums, gradient norms (no records)",
+             3: "floor: + ReLU counts, saturation, gradient through time (no records)"}
 
     def __init__(self, level: int):
         self.level = level
-        self.name = ("floor: no-op hooks on every module" if level == 1 else
-                     "floor: + output sums, gradient norms (no records)")
+        self.name = self.NAMES[level]
 
     def attach(self, model, opt):
+        from gradscope.activations import TimeProfile, fired_counts, module_kind, saturation_counts, unit_dim
         from gradscope.stats import sq_norm
 
-        self.handles, self.sums, self.signals = [], [], []
+        self.handles, self.sums, self.signals, self.counts, self.times = [], [], [], [], []
+        self.ones: dict = {}
         grad_hook = (lambda g: self.signals.append(sq_norm(g)))
 
-        def post(module, args, out):
+        def post(kind, module, args, out):
             if self.level == 1:
                 return
             for t in (out,) if isinstance(out, torch.Tensor) else out if isinstance(out, (tuple, list)) else ():
                 if isinstance(t, torch.Tensor) and t.is_floating_point():
-                    self.sums.append(t.detach().sum(dtype=torch.float32))
+                    if self.level == 3 and kind == "relu" and t.requires_grad:
+                        self.counts.append(fired_counts(t, unit_dim(t.ndim), False, self.ones)[0])
+                    elif self.level == 3 and kind in ("sigmoid", "tanh"):
+                        saturated, total, _ = saturation_counts(t, kind, 0.02)
+                        self.counts.append(saturated.reshape(1))
+                        self.sums.append(total)
+                    else:
+                        self.sums.append(t.detach().sum(dtype=torch.float32))
                     if t.requires_grad:
                         t.register_hook(grad_hook)
 
+        def through_time(module, args, kwargs):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not torch.is_grad_enabled():
+                return None
+            x2 = x.view_as(x) if x.requires_grad else x.detach().requires_grad_()
+            batch_dim = None if x.ndim == 2 else (0 if module.batch_first else 1)
+            x2.register_hook(lambda g: self.times.append(self._time_profile(TimeProfile(), g, batch_dim)))
+            return (x2,) + tuple(args[1:]), kwargs
+
         for name, m in model.named_modules():
+            kind = module_kind(m)
             if m is not model:
                 self.handles.append(m.register_forward_pre_hook(lambda module, args: None))
-            self.handles.append(m.register_forward_hook(post))
+            if self.level == 3 and kind == "recurrent":
+                self.handles.append(m.register_forward_pre_hook(through_time, with_kwargs=True))
+            self.handles.append(m.register_forward_hook(partial(post, kind)))
+
+    @staticmethod
+    def _time_profile(profile, g, batch_dim):
+        profile.observe_grad(g, batch_dim)
+        return profile.profile
 
     def after_backward(self, model, step):
         if self.level == 1:
@@ -203,9 +237,10 @@ class HookFloor(Monitor):
 
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         parts = [norms(grads)] + [torch.stack(x).double() for x in (self.sums, self.signals) if x]
+        parts += [t.reshape(-1).double() for t in self.counts + self.times]  # (units,) counts, per-step profiles
         self.values = torch.cat(parts).tolist()
-        self.sums.clear()
-        self.signals.clear()
+        for x in (self.sums, self.signals, self.counts, self.times):
+            x.clear()
 
     def detach(self):
         for h in self.handles:
@@ -215,7 +250,7 @@ class HookFloor(Monitor):
 def available_monitors(floor: bool = False, peers: bool = True):
     monitors, notes = [Monitor(), Gradscope(1), Gradscope(10), Gradscope(1, "all"), ItemLoop()], []
     if floor:
-        monitors[2:2] = [HookFloor(1), HookFloor(2)]
+        monitors[2:2] = [HookFloor(1), HookFloor(2), HookFloor(3)]
     if not peers:
         return monitors, ["TensorBoard and wandb: not run (--no-peers)"]
     for cls, module in ((TensorBoardHistograms, "tensorboard"), (WandbWatch, "wandb")):
@@ -551,9 +586,11 @@ def main(argv=None):
                     help="also print where gradscope every=1 spends its time (forward, backward, step(), optimizer), "
                          "and the parts of step() (parameter norms, the record, dead units, detectors, history)")
     ap.add_argument("--floor", action="store_true",
-                    help="also time two floor monitors: no-op hooks on every module, and those hooks computing the "
+                    help="also time three floor monitors: no-op hooks on every module; those hooks computing the "
                          "core numbers (output sums, gradient norms) without records: what any per-module-hook "
-                         "monitor pays at least")
+                         "monitor pays at least; and adding the other default statistics' kernels (ReLU fired counts, "
+                         "saturation counts, the gradient through time): what gradscope's statistics cost without "
+                         "its bookkeeping")
     ap.add_argument("--no-peers", dest="peers", action="store_false",
                     help="leave out TensorBoard and wandb: their writer threads run beside the other monitors' steps "
                          "and add noise to every ratio")

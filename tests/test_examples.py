@@ -110,9 +110,10 @@ def test_overhead_benchmark_script_runs_tiny():
     assert [line.split("|")[1].strip().split(" ")[0] for line in parts.splitlines()[3:]] == \
         ["parameter", "the", "dead", "detectors", "history", "the", "step()"]  # the parts, the rest, the whole
     rows = [line for line in tables.splitlines() if line.startswith("| ") and "monitor" not in line]
-    assert len(rows) >= 14 and len(rows) % 2 == 0  # 7 monitors per model, and the peers that are installed
+    assert len(rows) >= 16 and len(rows) % 2 == 0  # 8 monitors per model, and the peers that are installed
     assert rows[0].startswith("| plain | ") and "| 1.000 | 1.000 |" in rows[0]
     assert any(line.startswith("| gradscope every=10 |") for line in rows)
-    assert sum(line.startswith("| floor: ") for line in rows) == 4  # two floor monitors per model
+    assert sum(line.startswith("| floor: ") for line in rows) == 6  # three floor monitors per model
+    assert sum(line.startswith("| floor: + ReLU counts") for line in rows) == 2
     assert [line.split("|")[1].strip() for line in growth.splitlines() if line[:2] == "| " and "step" not in line
             and not line.startswith("|---")] == ["1", "2", "3", "4", "5"]
