@@ -502,7 +502,7 @@ class Scope(Run):
         new = local_sites - self._warned_local
         if new:
             self._warned_local |= new
-            warnings.warn(f"gradscope: {sorted(new)} hand on DTensors (tensor parallelism), whose parts differ by rank; "
+            warnings.warn(f"gradscope: {sorted(new)} output DTensors (tensor parallelism), whose parts differ by rank; "
                           "with reduce_ranks on (DDP or FSDP2 beside it) their dead units and backprop signals are not "
                           "recorded, since summing them over ranks would mix the ranks' units. Without DDP/FSDP2, or "
                           "with watch(..., reduce_ranks=False), each rank records its own part.",

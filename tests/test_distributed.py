@@ -334,7 +334,7 @@ def test_tensor_parallel_sites_are_left_out_of_a_reduction(two_ranks):
             assert last[site]["output_nonfinite"] == 0.0
         assert last["0"]["grad_norm"] > 0 and last["2"]["grad_norm"] > 0 and run.history[-1].info["loss"] > 0
         said = (out / f"tp-reduced-said{r}.txt").read_text()
-        assert said.count("hand on DTensors") == 1 and "reduce_ranks=False" in said, said
+        assert said.count("output DTensors (tensor parallelism)") == 1 and "reduce_ranks=False" in said, said
 
 
 def test_a_partial_gradient_is_refused_not_summed(two_ranks):
