@@ -117,3 +117,42 @@ def test_overhead_benchmark_script_runs_tiny():
     assert sum(line.startswith("| floor: + ReLU counts") for line in rows) == 2
     assert [line.split("|")[1].strip() for line in growth.splitlines() if line[:2] == "| " and "step" not in line
             and not line.startswith("|---")] == ["1", "2", "3", "4", "5"]
+
+
+def test_overhead_benchmark_third_floor_computes_what_gradscope_records():
+    """The benchmark's floor 3 (``HookFloor(3)``) claims to compute what gradscope's default statistics compute: on the
+    same weights and batch its fired counts give gradscope's firing rates and its through-time profile is gradscope's."""
+    import importlib.util
+
+    import torch
+    import torch.nn.functional as F
+
+    spec = importlib.util.spec_from_file_location("bench_overhead", ROOT / "scripts/bench_overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name in ("mlp20", "lstm"):
+        make, _, make_batch = bench.MODELS[name]
+        torch.manual_seed(0)
+        base = make()
+        x, y = make_batch(16, torch.device("cpu"))
+        floored, watched = bench.copy_of(base), bench.copy_of(base)
+        floor = bench.HookFloor(3)
+        floor.attach(floored, None)
+        scope = gradscope.watch(watched)
+        try:
+            F.cross_entropy(floored(x), y).backward()
+            F.cross_entropy(watched(x), y).backward()
+            counts, times = [c.clone() for c in floor.counts], [t.clone() for t in floor.times]
+            floor.after_backward(floored, 0)
+            scope.step()
+        finally:
+            floor.detach()
+            scope.detach()
+        layers = scope.history.last.layers
+        if name == "mlp20":
+            rates = [st["fire_rate"] for st in layers.values() if "fire_rate" in st]
+            assert len(rates) == len(counts) == 19
+            assert rates == pytest.approx([c.sum().item() / (16 * c.numel()) for c in counts], rel=1e-6)
+        else:
+            (profile,) = [st["through_time"] for st in layers.values() if "through_time" in st]
+            assert len(times) == 1 and list(profile) == pytest.approx(times[0].tolist(), rel=1e-5)
