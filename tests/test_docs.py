@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_readme_table_is_what_a_rerun_of_the_quick_preset_gives(cifar_root):
     done = subprocess.run([sys.executable, "scripts/refresh_docs.py", "--sections", "quick", "--check"], cwd=ROOT,
                           capture_output=True, text=True, timeout=1800)
+    if done.returncode == 2:  # the documents were made on another kind of processor: its kernels round differently
+        pytest.skip(done.stdout.strip().splitlines()[-1])
     assert done.returncode == 0, done.stdout + done.stderr
     assert "the documents match a re-run" in done.stdout
 
