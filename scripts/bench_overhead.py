@@ -214,7 +214,13 @@ class HookFloor(Monitor):
                 return None
             x2 = x.view_as(x) if x.requires_grad else x.detach().requires_grad_()
             batch_dim = None if x.ndim == 2 else (0 if module.batch_first else 1)
-            x2.register_hook(lambda g: self.times.append(self._time_profile(TimeProfile(), g, batch_dim)))
+
+            def per_step_norms(g):
+                profile = TimeProfile()
+                profile.observe_grad(g, batch_dim)
+                self.times.append(profile.profile)
+
+            x2.register_hook(per_step_norms)
             return (x2,) + tuple(args[1:]), kwargs
 
         for name, m in model.named_modules():
@@ -224,11 +230,6 @@ class HookFloor(Monitor):
             if self.level == 3 and kind == "recurrent":
                 self.handles.append(m.register_forward_pre_hook(through_time, with_kwargs=True))
             self.handles.append(m.register_forward_hook(partial(post, kind)))
-
-    @staticmethod
-    def _time_profile(profile, g, batch_dim):
-        profile.observe_grad(g, batch_dim)
-        return profile.profile
 
     def after_backward(self, model, step):
         if self.level == 1:

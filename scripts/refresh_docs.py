@@ -252,7 +252,7 @@ def main(argv=None) -> int:
         if missing:
             raise SystemExit(f"refresh_docs: no marker for {missing} in README.md or docs/experiments.md")
         new.update(made)
-    failed, elsewhere = False, set()
+    failed, elsewhere, here = False, set(), cpu_label()
     for path, text in documents.items():
         updated = replace_blocks(text, new)
         if args.check:
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
                 if name in old_blocks and _comparable(old_blocks[name]) != _comparable(new_blocks[name]):
                     failed = True
                     there = documented_cpu(old_blocks[name])
-                    if there is not None and there != cpu_label():
+                    if there is not None and there != here:
                         elsewhere.add(there)
                     print(f"{path.name}: block {name} differs from a re-run:")
                     print("\n".join(difflib.unified_diff(_comparable(old_blocks[name]),
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
         print("refresh_docs: the documents match a re-run" if not failed else "refresh_docs: MISMATCH")
         if elsewhere:
             print(f"refresh_docs: the differing blocks were made on another kind of processor ({'; '.join(elsewhere)}), "
-                  f"this one is {cpu_label()}: its kernels round differently, so a difference may be the host's, not the "
+                  f"this one is {here}: its kernels round differently, so a difference may be the host's, not the "
                   "code's. To compare code changes here, regenerate the sections on this machine first (without "
                   "--check) from the commit the documents name.")
             return 2
