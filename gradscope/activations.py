@@ -250,7 +250,8 @@ class DeadUnitBank:
         trackers = [self.sites[site] for site, _ in layout]
         ns = [n for _, _, n in parts]
         alphas = [1.0 if t.seen == 0 else min(1.0, n / self.window) for t, n in zip(trackers, ns)]  # 1: first batch
-        fired = torch.cat([c.to(device) for _, c, _ in parts]) if len(parts) > 1 else parts[0][1].clone()
+        fired = torch.cat([c if c.device == device else c.to(device) for _, c, _ in parts]) if len(parts) > 1 \
+            else parts[0][1].clone()
         fired.nan_to_num_(nan=0.0)
         n, alpha = self._per_unit(ns), self._per_unit(alphas)
         self._since.add_(n).mul_(fired == 0).clamp_max_(float(self.window))

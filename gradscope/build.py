@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections import defaultdict
+from operator import itemgetter
 
 import torch
 
@@ -116,13 +117,17 @@ def build_record(step: int, params: list, grads: list, buffers: StepBuffers, ban
     for k, (_, lname, _) in enumerate(params):
         groups[lname].append(k)
     folded = {}  # per layer: a copy of its one parameter's values, or its parameters' folded
+    reads = list(dict.fromkeys(m for s in wanted for m in s.reads))
+    group_folds = [(s.name, FOLDS[s.per_layer].group, s.reads) for s in wanted]
     for lname, idx in groups.items():
         if len(idx) == 1:
             folded[lname] = dict(per_param[params[idx[0]][0]])
             continue
-        n = [numels[k] for k in idx]
-        st = {s.name: FOLDS[s.per_layer].group(tuple([raw[m][k] for k in idx] for m in s.reads), n) for s in wanted}
-        st["grad_nonfinite"] = sum(columns[-1][k] for k in idx)
+        pick = itemgetter(*idx)  # (a tuple of the layer's entries of a column)
+        cols = {m: pick(raw[m]) for m in reads}
+        n = pick(numels)
+        st = {name: group(tuple(cols[m] for m in r), n) for name, group, r in group_folds}
+        st["grad_nonfinite"] = sum(pick(columns[-1]))
         folded[lname] = st
 
     layers = {}

@@ -30,6 +30,7 @@ gradients kept are measured together when the backward pass ends (one fused kern
 from __future__ import annotations
 
 import contextlib
+import operator
 import sys
 import threading
 import warnings
@@ -190,6 +191,23 @@ def _note_backward(collector_ref, param) -> None:
         collector._backward_flag = True
 
 
+class Slots:
+    """Objects and where they hang, ``[(dict, key, object)]`` (a module's ``_modules`` or ``_parameters`` entries):
+    :meth:`changed` says whether any slot now holds another object, in C loops (it runs on every collected step)."""
+
+    __slots__ = ("tables", "keys", "objects", "_get")
+
+    def __init__(self, slots: list):
+        self.tables, self.keys, self.objects = (list(x) for x in zip(*slots)) if slots else ([], [], [])
+        self._get = dict.get if all(isinstance(t, dict) for t in self.tables) else (lambda table, key: table.get(key))
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def changed(self) -> bool:
+        return any(map(operator.is_not, map(self._get, self.tables, self.keys), self.objects))
+
+
 def _grad_moved(g, mark) -> bool:
     """Whether ``.grad`` ``g`` is new or changed since ``mark`` (see :meth:`Collector.mark_grads`) was taken."""
     return g is not None and (mark is None or mark[0]() is not g or mark[1] != local(g)._version)
@@ -314,13 +332,13 @@ class Collector:
             owns = any(p.requires_grad for p in module.parameters(recurse=False))
             if owns or next(iter(module.children()), None) is None:
                 self.profile_modules.add(name)
-        self._tree = [(m._modules, key, child) for m in model.modules() for key, child in m._modules.items()]
+        self._tree = Slots([(m._modules, key, child) for m in model.modules() for key, child in m._modules.items()])
+        self._tables = list({id(t): t for t in self._tree.tables}.values())
 
     def tree_changed(self) -> bool:
         """Whether a submodule was replaced, added or removed since the hooks were placed (``model.head = ...``): one
         identity check per module."""
-        return any(table.get(key) is not child for table, key, child in self._tree) or \
-            sum(len(table) for table in {id(t): t for t, _, _ in self._tree}.values()) != len(self._tree)
+        return self._tree.changed() or sum(map(len, self._tables)) != len(self._tree)
 
     def rebuild(self) -> None:
         """Place the per-module hooks anew after the module tree changed: on the new modules, none on the old."""
@@ -332,10 +350,11 @@ class Collector:
         if armed:
             self.arm()
 
-    def grad_changed(self, i: int) -> bool:
-        """Whether the ``i``-th parameter's ``.grad`` is new or changed since the last step closed (a ``.grad`` no
-        backward pass touched is last step's, left unzeroed, or an orphaned module's)."""
-        return _grad_moved(self._params[i].grad, self._grad_marks[i])
+    def changed_grads(self) -> list[tuple[int, Tensor]]:
+        """``(index, .grad)`` of the tracked parameters whose ``.grad`` is new or changed since the last step closed (a
+        ``.grad`` no backward pass touched is last step's, left unzeroed, or an orphaned module's)."""
+        return [(i, g) for i, (p, mark) in enumerate(zip(self._params, self._grad_marks))
+                if _grad_moved(g := p.grad, mark)]
 
     @property
     def armed(self) -> bool:

@@ -77,13 +77,18 @@ def _check_positive(name: str, value, kind=(int, float)) -> None:
         raise ValueError(f"{name} must be {want}, got {value!r}")
 
 
+_EMPTY: dict = {}  # the statistics of a layer a record lacks (read only)
+
+
 def _sites_with(record: StepRecord, layers: list[LayerInfo], key: str):
     """``(name, stats, value)`` for each layer or call site whose statistic ``key`` is finite this step."""
+    get = record.layers.get
     for e in layers:
-        stats = record.layers.get(e.name, {})
-        value = stats.get(key)
-        if _finite(value):
-            yield e.name, stats, value
+        stats = get(e.name)
+        if stats is not None:
+            value = stats.get(key)
+            if value is not None and _finite(value):
+                yield e.name, stats, value
 
 
 def _module(layers: list[LayerInfo], name: str) -> str:
@@ -390,8 +395,8 @@ class Exploding:
 
 def layer_grad_norms(record: StepRecord, layers: list[LayerInfo]) -> dict[str, float]:
     """``{layer: grad_norm}`` of the parameterised layers with a finite gradient norm this step."""
-    return {e.name: record.layers[e.name]["grad_norm"] for e in layers
-            if e.params and _finite(record.layers.get(e.name, {}).get("grad_norm"))}
+    get = record.layers.get
+    return {e.name: g for e in layers if e.params and _finite(g := get(e.name, _EMPTY).get("grad_norm"))}
 
 
 def global_grad_norm(norms: dict[str, float]) -> float:
@@ -446,16 +451,20 @@ class Nonfinite:
         loss = record.info.get("loss")
         loss_bad = loss is not None and not math.isfinite(loss)
         sites = [e for e in layers if e.profile]
-        backward_bad = any(_backward_nonfinite(record.layers.get(e.name, {})) for e in sites)
+        backward_bad = None  # asked only of an infinite output
         for depth, e in enumerate(layers):  # all modules: a parameter-free wrapper can be where the NaN is made
-            st = record.layers.get(e.name, {})
+            st = record.layers.get(e.name, _EMPTY)
+            if not (st.get("output_nonfinite") or st.get("output_nan")):
+                continue
+            if backward_bad is None:
+                backward_bad = any(_backward_nonfinite(record.layers.get(s.name, _EMPTY)) for s in sites)
             # an infinite output with finite gradients and loss is legitimate (a -inf attention mask); NaN never is
-            if st.get("output_nan") or (st.get("output_nonfinite") and (backward_bad or loss_bad)):
+            if st.get("output_nan") or backward_bad or loss_bad:
                 return [Alert(self.kind, e.name, record.step, math.nan, 0.0,
                               "its forward output contains NaN/Inf, the first module in forward order to produce one.",
                               _forward_hint(e, depth == 0, scaled), "output_nonfinite")]
-        for e in reversed(sites):
-            st = record.layers.get(e.name, {})
+        for e in reversed(sites) if backward_bad is not False else ():
+            st = record.layers.get(e.name, _EMPTY)
             if _backward_nonfinite(st):
                 n = st.get("grad_nonfinite") or 0
                 what = f"{int(n)} NaN/Inf gradient entries" if n else "a NaN/Inf gradient at its output"

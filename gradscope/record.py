@@ -10,6 +10,7 @@ import math
 import sys
 from array import array
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Iterator
 
 
@@ -105,10 +106,11 @@ def layer_scalars(record: "StepRecord", stats) -> list[tuple[str, str, float]]:
 def signal_profile(record: StepRecord, layers: list[LayerInfo]) -> list[tuple[str, float]]:
     """``[(layer, backprop_signal)]`` for parameterised layers with a finite signal, input side first."""
     out = []
+    get = record.layers.get
     for e in layers:
-        if e.params and e.name in record.layers:
-            s = record.layers[e.name].get("backprop_signal")
-            if _finite(s):
+        if e.params and (st := get(e.name)) is not None:
+            s = st.get("backprop_signal")
+            if s is not None and _finite(s):
                 out.append((e.name, s))
     return out
 
@@ -135,8 +137,9 @@ class History:
         self._records: list[_Packed] = []
         self._last_kept = False
         self._columns: tuple | None = None  # the column list of the newest packed record, reused while it fits
-        self._shape: tuple | None = None  # what decides that list: per layer and parameter, its keys and their types
-        self._ints: list = []  # the positions of the int columns in it
+        self._shape: tuple | None = None  # what decides that list: the layers' and parameters' names and keys
+        self._types: tuple = ()  # and the types of the values in it
+        self._ints = None  # a getter of the int columns' values (operator.itemgetter), or None
         self._read: list | None = None  # records() unpacked, kept until the next append: readers call it often
         self.last: StepRecord | None = None
 
@@ -157,29 +160,22 @@ class History:
 
     def _pack(self, record: StepRecord) -> "_Packed":
         # the usual case: the same layers, statistics and value types as the record before, every value a float or
-        # an int exact as a float: the column list is reused and the numbers copied per layer, not per value
+        # an int exact as a float: the column list is reused and the numbers copied in one go (no loop per value)
         if self._shape is None:
             return self._pack_each(record)
-        shape, values = [], array("d")
-        try:
-            for table in (record.layers, record.params):
-                shape.append(None)  # between the parts: a parameter may share a layer's name
-                for name, stats in table.items():
-                    shape.append(_entry_shape(name, stats))
-                    values.extend(stats.values())
-        except (TypeError, OverflowError):  # a value that is no number (array('f'), a string), an int beyond float
+        shape, values = _shape_and_values(record)
+        if tuple(shape) != self._shape or tuple(map(type, values)) != self._types:
             return self._pack_each(record)
-        if tuple(shape) != self._shape or not all(-_EXACT < values[i] < _EXACT for i in self._ints):
-            return self._pack_each(record)
-        return _Packed(record.step, self._columns, values, None, dict(record.info))
+        if self._ints is not None:
+            ints = self._ints(values)
+            if max(ints) >= _EXACT or min(ints) <= -_EXACT:
+                return self._pack_each(record)
+        return _Packed(record.step, self._columns, array("d", values), None, dict(record.info))
 
     def _pack_each(self, record: StepRecord) -> "_Packed":
         columns, values, other = [], array("d"), {}
-        shape = []
         for part, table in ((0, record.layers), (1, record.params)):
-            shape.append(None)
             for name, stats in table.items():
-                shape.append(_entry_shape(name, stats))
                 for stat, v in stats.items():
                     if type(v) is float:
                         columns.append((part, name, stat, _FLOAT))
@@ -194,8 +190,12 @@ class History:
         columns = tuple(columns)
         if columns != self._columns:  # usually equal: the same layers and statistics as the record before
             self._columns = columns
-        self._shape = None if other else tuple(shape)  # a record with other values is always packed value by value
-        self._ints = [k for k, c in enumerate(columns) if c[3] == _INT]
+        # a record with other values is always packed value by value
+        shape, raw = _shape_and_values(record)
+        self._shape = None if other else tuple(shape)
+        self._types = tuple(map(type, raw))
+        ints = [k for k, c in enumerate(columns) if c[3] == _INT]
+        self._ints = None if not ints else itemgetter(*ints) if len(ints) > 1 else (lambda v, k=ints[0]: (v[k],))
         return _Packed(record.step, self._columns, values, other or None, dict(record.info))
 
     def __len__(self) -> int:
@@ -243,9 +243,19 @@ class History:
         return total
 
 
-def _entry_shape(name: str, stats: dict) -> tuple:
-    """What decides a layer's (or parameter's) columns in a packed record: its name, statistic keys and value types."""
-    return name, tuple(stats), tuple(map(type, stats.values()))
+def _shape_and_values(record: StepRecord) -> tuple[list, list]:
+    """``(shape, values)`` of a record: what decides its columns in a packed record (each layer's, then each
+    parameter's, name, number of statistics and their keys: a flat list, unambiguous since a count is no name) and
+    its values in that order."""
+    shape, values = [], []
+    for table in (record.layers, record.params):
+        shape.append(None)  # between the parts: a parameter may share a layer's name
+        for name, stats in table.items():
+            shape.append(name)
+            shape.append(len(stats))
+            shape.extend(stats)
+            values.extend(stats.values())
+    return shape, values
 
 
 _FLOAT, _INT, _OTHER = 0, 1, 2

@@ -19,7 +19,7 @@ from . import _torch
 from .alerts import Alert, AlertBook
 from .anatomy import activation_role, class_name, detector_context, trainable_params, unwrap
 from .build import build_record, measure_params
-from .collect import Collector
+from .collect import Collector, Slots
 from .detectors import detector_settings
 from .distributed import rank, reduce_buffers, world_size
 from .options import check_options, check_scaler
@@ -368,9 +368,9 @@ class Scope(Run):
         tracked parameters, run on collected steps only."""
         slots = self._param_slots
         if slots is None:
-            slots = self._param_slots = [(self.model.get_submodule(lname)._parameters, pname.rsplit(".", 1)[-1], p)
-                                         for pname, lname, p in self._params]
-        return any(table.get(leaf) is not p for table, leaf, p in slots)
+            slots = self._param_slots = Slots([(self.model.get_submodule(lname)._parameters, pname.rsplit(".", 1)[-1],
+                                                p) for pname, lname, p in self._params])
+        return slots.changed()
 
     def _backward_ran(self) -> bool:
         """Whether a backward pass reached the parameters since the last step; when none seems to have, the model's
@@ -572,7 +572,7 @@ class Scope(Run):
                               "statistics and backprop signals are. meta['uncounted_passes'] counts them.",
                               RuntimeWarning, stacklevel=5)
             self.meta["uncounted_passes"] = c.evicted_reached
-        have = [(i, p.grad) for i, (_, _, p) in enumerate(self._params) if c.grad_changed(i)]
+        have = c.changed_grads()
         params = [self._params[i] for i, _ in have]
         grads = [local(g) for _, g in have]  # a sharded (FSDP2) parameter's: this rank's shard
         scale_t = _torch.scale_tensor(scaler) if scale_t is None else scale_t

@@ -70,7 +70,7 @@ def _ratio(num: list[float], den: list[float]) -> float:
 @dataclass(frozen=True)
 class Fold:
     """How a statistic's values come from the measures it reads. ``cols[i]`` holds the values of its ``reads[i]``
-    over some parameters, ``numels`` their entry counts.
+    over some parameters, ``numels`` their entry counts (sequences: lists, or tuples for a group).
 
     ``group(cols, numels) -> value``: of a group of parameters (a layer's). ``each(cols, numels) -> [value]``: of
     each parameter alone, the same as ``group`` on a group of one, computed for all of them in one call (the
