@@ -140,6 +140,7 @@ class History:
         self._shape: tuple | None = None  # what decides that list: the layers' and parameters' names and keys
         self._types: tuple = ()  # and the types of the values in it
         self._ints = None  # a getter of the int columns' values (operator.itemgetter), or None
+        self._others: list = []  # the positions of the columns that are not numbers (through-time profiles)
         self._read: list | None = None  # records() unpacked, kept until the next append: readers call it often
         self.last: StepRecord | None = None
 
@@ -159,8 +160,8 @@ class History:
         self._offered += 1
 
     def _pack(self, record: StepRecord) -> "_Packed":
-        # the usual case: the same layers, statistics and value types as the record before, every value a float or
-        # an int exact as a float: the column list is reused and the numbers copied in one go (no loop per value)
+        # the usual case: the same layers, statistics and value types as the record before, every int exact as a
+        # float: the column list is reused and the numbers copied in one go (no loop per value)
         if self._shape is None:
             return self._pack_each(record)
         shape, values = _shape_and_values(record)
@@ -170,7 +171,12 @@ class History:
             ints = self._ints(values)
             if max(ints) >= _EXACT or min(ints) <= -_EXACT:
                 return self._pack_each(record)
-        return _Packed(record.step, self._columns, array("d", values), None, dict(record.info))
+        other = None
+        if self._others:  # a through-time profile: kept as it is, by its position
+            other = {k: values[k] for k in self._others}
+            for k in self._others:
+                values[k] = math.nan
+        return _Packed(record.step, self._columns, array("d", values), other, dict(record.info))
 
     def _pack_each(self, record: StepRecord) -> "_Packed":
         columns, values, other = [], array("d"), {}
@@ -190,10 +196,10 @@ class History:
         columns = tuple(columns)
         if columns != self._columns:  # usually equal: the same layers and statistics as the record before
             self._columns = columns
-        # a record with other values is always packed value by value
         shape, raw = _shape_and_values(record)
-        self._shape = None if other else tuple(shape)
+        self._shape = tuple(shape)
         self._types = tuple(map(type, raw))
+        self._others = list(other)
         ints = [k for k, c in enumerate(columns) if c[3] == _INT]
         self._ints = None if not ints else itemgetter(*ints) if len(ints) > 1 else (lambda v, k=ints[0]: (v[k],))
         return _Packed(record.step, self._columns, values, other or None, dict(record.info))

@@ -81,18 +81,17 @@ def sq_norm(t: Tensor) -> Tensor:
     without a copy and never synchronises. Sum several in float64 (:func:`sum_by_key` does): two float32 values near
     float32's limit add up to inf.
     """
-    d = t.detach()
-    if not d.is_cpu or d.is_sparse or d.is_complex() or d.dtype is torch.float64:
-        return exact_sq_norm(d)
-    if d.dtype is torch.float32 and d.is_contiguous():
-        f = d.view(-1)
+    d = t.detach() if t.requires_grad else t  # (a gradient made with create_graph=True; detach() costs ~1 us)
+    if d.dtype is torch.float32 and d.is_cpu and d.layout is torch.strided and d.is_contiguous():
+        f = d if d.dim() == 1 else d.view(-1)  # the usual case, an output gradient in a tensor hook: ~9 -> ~5 us
         s = torch.dot(f, f)
+    elif not d.is_cpu or d.is_sparse or d.is_complex() or d.dtype is torch.float64:
+        return exact_sq_norm(d)
     else:
         s = torch.linalg.vector_norm(d, dtype=torch.float32).square()
-    v = s.item()
-    if v < TINY_SQ or not math.isfinite(v):
-        return exact_sq_norm(d)
-    return s
+    if TINY_SQ <= s.item() < math.inf:  # (NaN is neither)
+        return s
+    return exact_sq_norm(d)
 
 
 def exact_sq_norm(t: Tensor) -> Tensor:

@@ -289,6 +289,29 @@ def test_history_reuses_the_layout_only_while_names_statistics_and_types_match()
     assert h._records[0].columns is h._records[1].columns and h._records[1].values.itemsize == 8
 
 
+def test_history_packs_through_time_profiles_without_a_loop_per_value(monkeypatch):
+    """A recurrent model's records hold a profile (an array) per step: the layout is still reused, the profiles kept
+    by position, and a record whose layout or types differ is packed value by value again."""
+    from array import array
+
+    h, each = History(100), []
+    real = History._pack_each
+    monkeypatch.setattr(History, "_pack_each", lambda self, record: each.append(record.step) or real(self, record))
+    profiles = [array("f", [1.0, 2.0]), array("f", [3.0, 4.0]), array("f", [5.0, 6.0, 7.0]), "n/a",
+                array("f", [8.0]), array("f", [9.0])]
+    recs = []
+    for s, profile in enumerate(profiles):
+        layers = {"rnn": {"grad_norm": 0.5 * s, "through_time": profile, "units": s + 2 ** 60 * (s == 5)}}
+        recs.append(StepRecord(s, layers, {"rnn.w": {"grad_norm": 0.25 * s, "grad_nonfinite": s}}))
+        h.append(recs[-1])
+    assert each == [0, 3, 4, 5]  # first, a string where a profile was, back to a profile, an int beyond 2**53
+    for got, want in zip(h, recs):
+        assert got.layers == want.layers and got.params == want.params
+        assert [type(v) for v in got.layers["rnn"].values()] == [type(v) for v in want.layers["rnn"].values()]
+    assert h[2].layers["rnn"]["through_time"] == array("f", [5.0, 6.0, 7.0])
+    assert h._records[1].values.itemsize == 8 and math.isnan(h._records[1].values[1])  # a profile's slot
+
+
 def test_history_costs_at_most_16_bytes_per_value_on_a_real_run():
     import torch
     import torch.nn.functional as F
