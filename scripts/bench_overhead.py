@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradscope
+from gradscope.bench.host import cpu_label
 from gradscope.bench.models import build_model, deep_mlp
 
 def images(n: int, device) -> tuple:
@@ -610,7 +611,8 @@ def main(argv=None):
     if args.memory_only:
         print(json.dumps(bench(args.models[0], args, device, monitors)))
         return 0
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, {args.steps * args.rounds} "
+    where = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f"cpu ({cpu_label()})"
+    print(f"torch {torch.__version__}, device {where}, {torch.get_num_threads()} threads, {args.steps * args.rounds} "
           f"timed steps per monitor (+{args.warmup} warm-up), one step of each monitor in turn")
     for name in args.models:
         print(f"\n{name}\n| monitor | median step ms | x plain (median) | x plain (mean) | x plain (10-step windows) "
