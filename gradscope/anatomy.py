@@ -11,9 +11,10 @@ from torch import nn
 from .detectors import ADAPTIVE, SATURATING, Context
 
 
-_RESIDUAL_CLASS = re.compile(r"^(Block|Bottleneck|BasicBlock|PreActBlock|Res(idual|net)?(Block|Unit|Layer)|InvertedResidual|"
-                             r"ConvNeXtBlock|BertLayer|\w*(Encoder|Decoder|Transformer)(Layer|Block)|"
-                             r"(GPT2|GPTNeo|GPTJ|T5|Bloom|Falcon|Swin|Mixer|Vit|ViT|CLIP|Siglip|Opt|OPT)\w*(Block|Layer))$")
+_RESIDUAL_CLASS = re.compile(r"^(Block|Bottleneck|BasicBlock|PreActBlock|Res(idual|net)?(Block|Unit|Layer)|"
+                             r"InvertedResidual|ConvNeXtBlock|BertLayer|\w*(Encoder|Decoder|Transformer)(Layer|Block)|"
+                             r"(GPT2|GPTNeo|GPTJ|T5|Bloom|Falcon|Swin|Mixer|Vit|ViT|CLIP|Siglip|Opt|OPT)"
+                             r"\w*(Block|Layer))$")
 _NORM_CLASS = re.compile(r"(Batch|Layer|Group|Instance|Rms|RMS)Norm")
 
 

@@ -49,7 +49,8 @@ def audit(model: nn.Module, inputs, targets=None, loss_fn: Callable | None = Non
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, e.g. torch.nn.functional.cross_entropy; got {loss_fn!r}")
     if targets is not None and loss_fn is None:
-        raise ValueError("targets were given without loss_fn; pass loss_fn=torch.nn.functional.cross_entropy (or yours)")
+        raise ValueError("targets were given without loss_fn; "
+                         "pass loss_fn=torch.nn.functional.cross_entropy (or yours)")
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
     saved_grads = {p: p.grad for p in model.parameters()}

@@ -469,14 +469,16 @@ class Nonfinite:
                 n = st.get("grad_nonfinite") or 0
                 what = f"{int(n)} NaN/Inf gradient entries" if n else "a NaN/Inf gradient at its output"
                 return [Alert(self.kind, e.name, record.step, float(n), 0.0,
-                              f"it has {what}, the closest layer to the loss where NaN/Inf appears in the backward pass.",
+                              f"it has {what}, the closest layer to the loss where NaN/Inf appears in the backward "
+                              "pass.",
                               "the backward pass made the NaN/Inf: check the loss for log(0), sqrt(0) or division by "
                               "zero (add an epsilon), lower the learning rate or clip gradients; "
                               "torch.autograd.detect_anomaly() names the op.", "grad_nonfinite")]
         if loss_bad:
             return [Alert(self.kind, "", record.step, loss, 0.0,
                           "the loss is NaN/Inf while every module output is finite: the loss computation made it.",
-                          "check the loss for log(0), division by zero or overflow, and the targets for invalid values.",
+                          "check the loss for log(0), division by zero or overflow, and the targets for invalid "
+                          "values.",
                           "loss")]
         return []
 
@@ -513,8 +515,8 @@ class DeadUnits:
     def check(self, record: StepRecord, layers: list[LayerInfo]) -> list[Alert]:
         if any(st.get("output_nan") for st in record.layers.values()):
             return []  # NaN outputs count as "not fired": a NaN step says nothing about dead units (nonfinite does)
-        hint = ("lower the learning rate (a large update pushes biases far negative); use LeakyReLU or GELU, which keep "
-                "a gradient for negative inputs; use Kaiming initialisation"
+        hint = ("lower the learning rate (a large update pushes biases far negative); use LeakyReLU or GELU, which "
+                "keep a gradient for negative inputs; use Kaiming initialisation"
                 + ("; add normalisation (BatchNorm) before the ReLU" if self.context.has_norm is False else "") + ".")
         return [Alert(self.kind, name, record.step, frac, self.threshold,
                       f"{int(st['dead_units'])} of {int(st['units'])} units ({100 * frac:.0f}%) have not fired on any "

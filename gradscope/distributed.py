@@ -76,8 +76,8 @@ def reduce_buffers(b: StepBuffers, loss=None, sums: dict | None = None) -> tuple
         k += 1
     if sat_k is not None:
         numel = dict(zip(sat_numel, host_sums[:len(sat_numel)]))
-        new["saturation_parts"] = [(site, kk, tot, numel[site])
-                                   for site, kk, tot in zip(sat_sites, parts[k], parts[k + 1].float())]  # counts: float64, exact
+        new["saturation_parts"] = [(site, kk, tot, numel[site])  # (counts: float64, exact)
+                                   for site, kk, tot in zip(sat_sites, parts[k], parts[k + 1].float())]
         k += 2
     ns = host_sums[len(sat_numel):]
     new["dead_parts"] = [(site, parts[k + i].float(), n) for i, ((site, _, _), n) in enumerate(zip(b.dead_parts, ns))]

@@ -1,7 +1,8 @@
 """Figures (matplotlib, optional: ``pip install gradscope[plot]``; imported only when a figure is drawn).
 
 Every function takes a live :class:`~gradscope.Scope` or a loaded :class:`~gradscope.Run` (several, for the
-overlays; ``gradscope.load(path)`` reads a saved log), returns a ``matplotlib.figure.Figure`` and saves it when given ``path``.
+overlays; ``gradscope.load(path)`` reads a saved log), returns a ``matplotlib.figure.Figure`` and saves it when
+given ``path``.
 ``scope.plot(kind, ...)`` is the shortcut.
 
 Text that comes from the data (layer names, run labels) is drawn literally: a ``$`` never starts matplotlib mathtext.
@@ -60,8 +61,8 @@ def as_run(source):
     if hasattr(source, "history") and hasattr(source, "meta"):
         return source
     if isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"figures draw a Scope or a loaded Run; for a saved log pass gradscope.load({os.fspath(source)!r})"
-                        " (or call .plot() on it)")
+        raise TypeError("figures draw a Scope or a loaded Run; for a saved log pass "
+                        f"gradscope.load({os.fspath(source)!r}) (or call .plot() on it)")
     raise TypeError(f"expected a gradscope Scope or Run (gradscope.load(path) for a saved log), "
                     f"got {type(source).__name__}")
 

@@ -27,7 +27,8 @@ def extra_stats_from(extra_stats) -> frozenset:
     """The statistic names of ``extra_stats`` (a name, a collection of names, or "all")."""
     if extra_stats == "all":
         return frozenset(EXTRA_STATS)
-    if not isinstance(extra_stats, str) and not (_iterable(extra_stats) and all(isinstance(n, str) for n in extra_stats)):
+    if not isinstance(extra_stats, str) and not (_iterable(extra_stats)
+                                                 and all(isinstance(n, str) for n in extra_stats)):
         raise TypeError(f"extra_stats must be a statistic name, a collection of them or 'all', got {extra_stats!r}; "
                         f"e.g. extra_stats=('grad_max',) or () for none")
     names = frozenset({extra_stats} if isinstance(extra_stats, str) else extra_stats)
@@ -86,7 +87,8 @@ def check_options(*, every, optimizer, scaler, detectors, raise_on, extra_stats,
         raise ValueError(f"saturation_eps must be a number in (0, 1), got {saturation_eps!r}; e.g. 0.02")
     if unit_dims is not None and not (isinstance(unit_dims, dict) and all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in unit_dims.items())):
-        raise TypeError(f"unit_dims must map call-site names to dimension ints, e.g. {{'conv.1': 1}}; got {unit_dims!r}")
+        raise TypeError("unit_dims must map call-site names to dimension ints, e.g. {'conv.1': 1}; "
+                        f"got {unit_dims!r}")
     return detectors, raise_on, extra
 
 

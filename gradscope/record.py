@@ -119,8 +119,8 @@ class History:
     """Collected steps in bounded memory.
 
     Holds at most ``max_records`` records. When full it drops every other record and from then on keeps every second
-    offered record (then every fourth, ...), so the whole run stays covered at a coarser step resolution and memory never
-    grows. The newest record is always available as ``history.last`` even if thinning skipped it.
+    offered record (then every fourth, ...), so the whole run stays covered at a coarser step resolution and memory
+    never grows. The newest record is always available as ``history.last`` even if thinning skipped it.
 
     Records are kept packed: the numbers of a record are one ``array('d')`` (8 bytes each, float64 so a float64
     model's tiny gradients survive), laid out by a column list shared with the records before it while the model's

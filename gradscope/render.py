@@ -209,7 +209,8 @@ def format_summary(run, max_names: int = 8, full: bool = False) -> str:
     for kind in alert_summary(run):
         of_kind = [a for a in alerts if a.kind == kind.kind]
         names = list(dict.fromkeys(a.layer or "(root)" for a in of_kind))
-        shown = ", ".join(names[:max_names]) + (f", ... and {len(names) - max_names} more" if len(names) > max_names else "")
+        shown = ", ".join(names[:max_names]) + (f", ... and {len(names) - max_names} more"
+                                                if len(names) > max_names else "")
         first = of_kind[0]
         lines.append(f"  {kind.describe()} on {len(names)} layer{'s' if len(names) != 1 else ''}: {shown}")
         lines.append(f"    e.g. {first.layer or '(root)'} at step {first.step}: {first.message}")

@@ -67,7 +67,8 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
             Exploding(), Vanishing(), ThroughTime(), DeadUnits(), Saturation()`` with their documented thresholds); an
             empty list disables alerts.
         raise_on: alert kinds that raise :class:`gradscope.GradientError` from ``step()``, e.g. ``{"nonfinite"}``.
-        history: the most collected steps kept in memory (older ones are thinned, see :class:`~gradscope.record.History`).
+        history: the most collected steps kept in memory (older ones are thinned, see
+            :class:`~gradscope.record.History`).
         dead_window: a ReLU unit is dead when it has not fired on any of the last ``dead_window`` samples (counted on
             collected steps, rounded to whole batches).
         saturation_eps: a sigmoid/tanh output within ``saturation_eps`` of a bound counts as saturated. At 0.02 the
@@ -80,10 +81,10 @@ def watch(model: nn.Module, every: int = 1, *, optimizer: torch.optim.Optimizer 
             is seen, on every collected forward pass.
         update_ratio: record ||dw|| / ||w|| per layer and parameter: the size of the last optimizer update relative
             to the weights. Keeps one copy of the trainable parameters. Records ``weight_norm`` too.
-        extra_stats: descriptive statistics beyond the defaults, a subset of :data:`gradscope.options.EXTRA_STATS` (``"grad_max"``,
-            ``"grad_zero_frac"``, ``"weight_norm"``) or ``"all"``. Each costs a full pass over every gradient or
-            weight per collected step; the defaults (gradient norms, backprop signal, activation statistics) are what
-            the detectors use.
+        extra_stats: descriptive statistics beyond the defaults, a subset of :data:`gradscope.options.EXTRA_STATS`
+            (``"grad_max"``, ``"grad_zero_frac"``, ``"weight_norm"``) or ``"all"``. Each costs a full pass over every
+            gradient or weight per collected step; the defaults (gradient norms, backprop signal, activation
+            statistics) are what the detectors use.
         log_all_ranks: under ``torch.distributed``, log new alerts to the ``"gradscope"`` logger on every rank
             (default: rank 0 only).
         reduce_ranks: sum the activation-side numbers over the ranks of ``torch.distributed`` (one ``all_reduce`` per
@@ -277,8 +278,8 @@ class Scope(Run):
         """
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1 or loss.is_complex():
-                raise ValueError(f"loss must be the scalar loss (one element), got a tensor of shape {tuple(loss.shape)}; "
-                                 "pass loss.mean() or the value you call backward() on")
+                raise ValueError("loss must be the scalar loss (one element), got a tensor of shape "
+                                 f"{tuple(loss.shape)}; pass loss.mean() or the value you call backward() on")
             value = loss.detach().reshape(()).to(_wide(loss.device))
         elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
             value = float(loss)

@@ -126,7 +126,8 @@ class Statistic:
 
 
 STATISTICS: dict[str, Statistic] = {s.name: s for s in [
-    Statistic("grad_norm", "L2 norm of the gradient (the loss scale divided out)", "l2", ("grad_norm",), logged=True, headline=True),
+    Statistic("grad_norm", "L2 norm of the gradient (the loss scale divided out)", "l2", ("grad_norm",), logged=True,
+              headline=True),
     Statistic("grad_rms", "gradient norm / sqrt(number of entries)", "rms", ("grad_norm",), logged=True),
     Statistic("backprop_signal", "||dLoss/d output|| of the layer or call site, all its output tensors and "
               "backward passes of the step together", per_rank="mean-loss", logged=True, headline=True),

@@ -2,7 +2,7 @@
 
     python scripts/bench_overhead.py [--models resnet18 resnet20 mlp20 lstm gpt2] [--steps 20] [--rounds 3]
                                      [--device cpu] [--phases] [--floor] [--no-peers] [--history 200]
-                                     [--growth 10000]
+                                     [--growth 10000] [--against REVISION]
 
 Models: torchvision resnet18 and gradscope's CIFAR ResNet-20 on 32x32 images, a 20-layer ReLU MLP of width 256, an
 LSTM over 32 image rows, and a GPT-2-style transformer (Hugging Face GPT2LMHeadModel from a config: 4 layers, 128
@@ -11,7 +11,8 @@ wide, tied embeddings; batch 8 x 64 byte tokens; needs transformers, the bench e
 Monitors: plain training, gradscope every=1, every=10, every=1 with all optional extra_stats (max |g|, zero
 fraction, weight norms), a per-parameter .item() loop, TensorBoard add_histogram per parameter, wandb.watch offline;
 with --floor, three floors under gradscope every=1 (see HookFloor): no-op hooks, + the core numbers' kernels, + the
-other default statistics' kernels, none with records.
+other default statistics' kernels, none with records; with --against REVISION, gradscope every=1 as of that git
+revision beside the current one (a change's cost, measured in the same cycles).
 Each trains its own copy of the model (same weights, same batches); the script runs one step of each in turn, in a
 new random order every cycle, for --steps x --rounds cycles after --warmup, so a slow phase of a shared machine hits
 all monitors alike. "x plain (median)" is the median over cycles of the step time over plain's step time in the same
@@ -26,15 +27,20 @@ max_memory_allocated; CPU: the peak resident set size, VmHWM, with glibc returni
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
+import importlib
+import io
 import json
 import logging
 import math
-import random
 import os
+import random
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from functools import partial
@@ -102,12 +108,13 @@ class Monitor:
 
 
 class Gradscope(Monitor):
-    def __init__(self, every, extra_stats=()):
-        self.every, self.extra_stats = every, extra_stats
-        self.name = f"gradscope every={every}" + (f", extra_stats={extra_stats!r}" if extra_stats else "")
+    def __init__(self, every, extra_stats=(), package=gradscope, at: str = ""):
+        self.every, self.extra_stats, self.package = every, extra_stats, package
+        self.name = f"gradscope every={every}" + (f", extra_stats={extra_stats!r}" if extra_stats else "") \
+            + (f", at {at}" if at else "")
 
     def attach(self, model, opt):
-        self.scope = gradscope.watch(model, every=self.every, extra_stats=self.extra_stats)
+        self.scope = self.package.watch(model, every=self.every, extra_stats=self.extra_stats)
 
     def after_backward(self, model, step):
         self.scope.step()
@@ -249,10 +256,35 @@ class HookFloor(Monitor):
             h.remove()
 
 
-def available_monitors(floor: bool = False, peers: bool = True):
+def package_at(revision: str):
+    """The ``gradscope`` package as of git ``revision`` of this repository, imported beside the current one under
+    another name (its modules import each other relatively), for ``--against``."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", f"{revision}^{{commit}}"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        archive = subprocess.run(["git", "archive", sha, "gradscope"], cwd=root, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"--against {revision}: cannot read that revision's gradscope/ with git in {root} ({e}); pass "
+                         "a commit of this repository, e.g. --against HEAD~1") from None
+    folder = tempfile.mkdtemp(prefix="gradscope-at-")
+    atexit.register(shutil.rmtree, folder, True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    name = f"gradscope_at_{sha}"
+    os.rename(os.path.join(folder, "gradscope"), os.path.join(folder, name))
+    sys.path.insert(0, folder)
+    return importlib.import_module(name), sha
+
+
+def available_monitors(floor: bool = False, peers: bool = True, against: str | None = None):
     monitors, notes = [Monitor(), Gradscope(1), Gradscope(10), Gradscope(1, "all"), ItemLoop()], []
+    if against:
+        package, sha = package_at(against)
+        monitors.insert(2, Gradscope(1, package=package, at=sha))
     if floor:
-        monitors[2:2] = [HookFloor(1), HookFloor(2), HookFloor(3)]
+        at = 3 if against else 2  # after gradscope every=1 (and the revision's)
+        monitors[at:at] = [HookFloor(1), HookFloor(2), HookFloor(3)]
     if not peers:
         return monitors, ["TensorBoard and wandb: not run (--no-peers)"]
     for cls, module in ((TensorBoardHistograms, "tensorboard"), (WandbWatch, "wandb")):
@@ -388,6 +420,8 @@ def memory_in_child(name: str, args) -> dict:
         cmd.append("--floor")
     if not args.peers:
         cmd.append("--no-peers")
+    if args.against:
+        cmd += ["--against", args.against]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
@@ -593,6 +627,10 @@ def main(argv=None):
                          "monitor pays at least; and adding the other default statistics' kernels (ReLU fired counts, "
                          "saturation counts, the gradient through time): what gradscope's statistics cost without "
                          "its bookkeeping")
+    ap.add_argument("--against", metavar="REVISION",
+                    help="also time gradscope every=1 as of this git revision (e.g. HEAD~1, a commit), its package "
+                         "imported beside the current one, in the same cycles: what a change did to the cost, measured "
+                         "side by side")
     ap.add_argument("--no-peers", dest="peers", action="store_false",
                     help="leave out TensorBoard and wandb: their writer threads run beside the other monitors' steps "
                          "and add noise to every ratio")
@@ -607,7 +645,7 @@ def main(argv=None):
         ap.error("--device cuda: torch sees no CUDA device")
     device = torch.device(args.device)
     logging.getLogger("gradscope").setLevel(logging.ERROR)  # random batches raise alerts; timing only here
-    monitors, notes = available_monitors(args.floor, args.peers)
+    monitors, notes = available_monitors(args.floor, args.peers, args.against)
     if args.memory_only:
         print(json.dumps(bench(args.models[0], args, device, monitors)))
         return 0

@@ -185,7 +185,8 @@ def _from_torchvision(cache: Path, download: bool, train_subset, test_subset, se
 
 
 def synthetic_cifar10(n_train: int, n_test: int, seed: int = 0) -> Cifar10:
-    """Random CIFAR-shaped images with random labels, announced on stderr: nothing to learn, only for running offline."""
+    """Random CIFAR-shaped images with random labels, announced on stderr: nothing to learn, only for running
+    offline."""
     print("gradscope: NO CIFAR-10 FOUND (no --data-dir, no $GRADSCOPE_CIFAR10_DIR, no cached or downloadable copy): "
           "using SYNTHETIC random images; accuracies mean nothing", file=sys.stderr)
     g = torch.Generator().manual_seed(seed)

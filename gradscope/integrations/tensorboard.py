@@ -1,7 +1,7 @@
 """TensorBoard: a scope's per-layer statistics, alerts and (optionally) gradient histograms, on collected steps.
 
     scope = gradscope.watch(model)
-    tb = gradscope.integrations.tensorboard.TensorBoardLogger(scope, log_dir="runs/exp1")   # or writer=your SummaryWriter
+    tb = gradscope.integrations.tensorboard.TensorBoardLogger(scope, log_dir="runs/exp1")  # or writer=SummaryWriter
     ...  # train as usual: every collected step is written
     tb.close()
 
