@@ -199,7 +199,9 @@ class Slots:
 
     def __init__(self, slots: list):
         self.tables, self.keys, self.objects = (list(x) for x in zip(*slots)) if slots else ([], [], [])
-        self._get = dict.get if all(isinstance(t, dict) for t in self.tables) else (lambda table, key: table.get(key))
+        # dict.get in C unless a table's own get differs (a dict subclass overriding it)
+        self._get = dict.get if all(isinstance(t, dict) and type(t).get is dict.get for t in self.tables) \
+            else (lambda table, key: table.get(key))
 
     def __len__(self) -> int:
         return len(self.objects)
